@@ -1,0 +1,262 @@
+"""The injection: each active context adds a decoupled attention to every cross-attention site.
+
+For a site with query input ``x`` and tokens ``T`` (``[n_tokens, context_dim]``), the hook adds to the output
+
+    scale · w_site · W_out · Attn(to_q(x), to_k(T), to_v(T))
+
+where ``W_out`` is the weight of the site's ``to_out`` linear (without its bias), i.e. the site's output
+becomes ``to_out(Attn_text + scale · w_site · Attn_ctx)``: the context is attended beside the text, not mixed
+into its softmax. Several contexts add up. Mode ``positive`` adds only to the conditional rows of a batch,
+``negative`` only to the unconditional rows.
+
+Hooks are torch forward hooks on the ``attn2`` *instances* (the host replaces the class's forward), plus a
+pre-hook on the UNet that tells them which rows of each call are conditional. ``InjectionSession`` installs
+them in ``__enter__`` and always removes them in ``__exit__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lib_anima.context import ReferenceContext, check_mode, check_scale
+from lib_anima.errors import ArgumentError
+from lib_anima.layout import Site, find_sites, parse_weights
+
+log = logging.getLogger("anima")
+
+
+@dataclass
+class Activation:
+    """One context applied to one generation."""
+
+    context: ReferenceContext
+    scale: float
+    mode: str = "positive"
+    start: float = 0.0
+    end: float = 1.0
+    weights: str | list[float] | None = None  # preset name, custom list; None: the file's own or all 1
+
+    def __post_init__(self) -> None:
+        self.scale = check_scale(self.scale)
+        self.mode = check_mode(self.mode)
+        self.start = _check_fraction(self.start, "start")
+        self.end = _check_fraction(self.end, "end")
+        if self.start >= self.end:
+            raise ArgumentError(f"start ({self.start:g}) must be before end ({self.end:g})")
+
+    def active_at(self, progress: float) -> bool:
+        return self.start <= progress and (progress < self.end or self.end >= 1.0)
+
+    def site_weights(self, sites: list[Site]) -> list[float]:
+        if self.weights is None and self.context.site_weights is not None:
+            return [float(w) for w in self.context.site_weights]
+        return parse_weights(self.weights, sites)
+
+
+def _check_fraction(value: object, what: str) -> float:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{what} must be a number from 0 to 1, got {value!r}") from None
+    if not math.isfinite(f) or not 0.0 <= f <= 1.0:
+        raise ArgumentError(f"{what} must be from 0 to 1, got {value!r}")
+    return f
+
+
+def decoupled_attention(attn: torch.nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``W_out · Attn(to_q(x), k, v)`` for one site; `k`, `v` are ``[n_tokens, inner_dim]``."""
+    q = attn.to_q(x)
+    b, n, inner = q.shape
+    heads = int(attn.heads)
+    d = inner // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.to(q.dtype).view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1)
+    v = v.to(q.dtype).view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1)
+    scale = float(getattr(attn, "scale", d**-0.5))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = out.transpose(1, 2).reshape(b, n, inner)
+    weight = attn.to_out[0].weight
+    return F.linear(out, weight.to(out.dtype))
+
+
+# ---- which rows are conditional --------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Row indices of one UNet call, by kind, on the call's device (None: no row of that kind)."""
+
+    cond: torch.Tensor | None
+    uncond: torch.Tensor | None
+    batch: int
+
+    def for_mode(self, mode: str) -> torch.Tensor | None:
+        return self.cond if mode == "positive" else self.uncond
+
+
+class RowTracker:
+    """Knows which rows of each UNet call are conditional during sampling.
+
+    The host's CFG denoiser lays out each step's batch as all conditional rows first, then the unconditional
+    ones, and runs it as one UNet call or as consecutive slices (cond and uncond apart, chunks of batch size,
+    the uncond rows left out on skipped steps). Told at the start of a step how many conditional rows there
+    are, the tracker counts rows as the UNet calls arrive.
+    """
+
+    def __init__(self) -> None:
+        self.n_cond: int | None = None
+        self.n_total = 0
+        self.offset = 0
+        self.progress = 0.0
+        self.unknown_calls = 0
+
+    def begin_step(self, n_cond: int, n_total: int, step: int, total_steps: int) -> None:
+        self.n_cond, self.n_total, self.offset = n_cond, n_total, 0
+        self.progress = step / total_steps if total_steps > 0 else 0.0
+
+    def take(self, batch: int, device: torch.device) -> Rows | None:
+        """Rows of the next UNet call, or None when the call is not part of the known layout."""
+        start = self.offset
+        if self.n_cond is None or start + batch > self.n_total:
+            self.unknown_calls += 1
+            return None
+        self.offset += batch
+        index = torch.arange(start, start + batch)
+        is_cond = index < self.n_cond
+        return _rows(is_cond, device)
+
+
+class AllConditional:
+    """Every row is conditional and sampling is at its start (training, or a plain UNet call)."""
+
+    progress = 0.0
+    unknown_calls = 0
+
+    def take(self, batch: int, device: torch.device) -> Rows:
+        return Rows(None if batch == 0 else _all(batch, device), None, batch)
+
+
+def _all(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch, device=device)
+
+
+def _rows(is_cond: torch.Tensor, device: torch.device) -> Rows:
+    cond = is_cond.nonzero().squeeze(1)
+    uncond = (~is_cond).nonzero().squeeze(1)
+    return Rows(
+        cond.to(device) if len(cond) else None,
+        uncond.to(device) if len(uncond) else None,
+        int(is_cond.shape[0]),
+    )
+
+
+# ---- the session -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SiteEntry:
+    activation: Activation
+    strength: float  # scale · site weight
+    tokens: torch.Tensor  # [n_tokens, context_dim]
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class InjectionSession:
+    """Hooks `activations` into `unet` for the duration of a ``with`` block; always unhooks."""
+
+    unet: torch.nn.Module
+    activations: list[Activation]
+    tracker: RowTracker | AllConditional = field(default_factory=AllConditional)
+    sites: list[Site] = field(init=False)
+    _entries: list[list[_SiteEntry]] = field(init=False)
+    _handles: list = field(init=False, default_factory=list)
+    _rows: Rows | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.sites = find_sites(self.unet)
+        names = [s.name for s in self.sites]
+        self._entries = [[] for _ in self.sites]
+        for act in self.activations:
+            act.context.check_fits(names, self.sites[0].context_dim)
+            for site, weight in zip(self.sites, act.site_weights(self.sites)):
+                strength = act.scale * weight
+                if strength != 0.0:
+                    self._entries[site.index].append(_SiteEntry(act, strength, act.context.tokens[site.index]))
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> InjectionSession:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        if not any(self._entries):
+            return  # nothing would change: leave the model untouched
+        try:
+            self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+            for site in self.sites:
+                if self._entries[site.index]:
+                    self._handles.append(site.module.register_forward_hook(self._site_hook(site), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._rows = None
+
+    def _on_unet_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["x"]
+        self._rows = self.tracker.take(int(x.shape[0]), x.device)
+
+    def _site_hook(self, site: Site):
+        entries = self._entries[site.index]
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            rows = self._rows
+            if rows is None:
+                return None
+            x = args[0] if args else kwargs["x"]
+            progress = self.tracker.progress
+            for entry in entries:
+                index = rows.for_mode(entry.activation.mode)
+                if index is None or not entry.activation.active_at(progress):
+                    continue
+                k, v = self._keys_values(module, entry)
+                part = x if len(index) == rows.batch else x.index_select(0, index)
+                delta = decoupled_attention(module, part, k, v) * entry.strength
+                if len(index) == rows.batch:
+                    output = output + delta.to(output.dtype)
+                else:
+                    output = output.index_add(0, index, delta.to(output.dtype))
+            return output
+
+        return hook
+
+    @staticmethod
+    def _keys_values(module: torch.nn.Module, entry: _SiteEntry) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = module.to_k.weight
+        if entry.tokens.requires_grad:  # training: the tokens change every step
+            t = entry.tokens.to(weight.device, weight.dtype)
+            return module.to_k(t), module.to_v(t)
+        kv = entry.kv
+        if kv is None or kv[0].device != weight.device or kv[0].dtype != weight.dtype:
+            with torch.no_grad():
+                t = entry.tokens.to(weight.device, weight.dtype)
+                kv = entry.kv = (module.to_k(t), module.to_v(t))
+        return kv

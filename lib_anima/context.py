@@ -151,7 +151,7 @@ class ReferenceContext:
                 f"takes {context_dim}: it was made for another model architecture"
             )
         if self.site_names != list(site_names):
-            first = next(i for i, (a, b) in enumerate(zip(self.site_names, site_names)) if a != b)
+            first = next(i for i, (a, b) in enumerate(zip(self.site_names, site_names, strict=False)) if a != b)
             raise ContextMismatchError(
                 f"{label!r} site {first} is {self.site_names[first]!r} but the loaded model's is {site_names[first]!r}"
             )
@@ -256,6 +256,11 @@ class ContextInfo:
     context_dim: int
     site_layout: str
     metadata: dict[str, str]
+    sha256: str = ""
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:12]
 
     @property
     def training(self) -> dict[str, Any]:
@@ -298,7 +303,7 @@ def inspect_file(path: str) -> ContextInfo:
     arch = meta.get(_META + "arch")
     if arch not in ARCHITECTURES:
         raise ContextFileError(path, f"metadata 'anima.arch' must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    for key, actual in zip(("n_sites", "n_tokens", "context_dim"), shape):
+    for key, actual in zip(("n_sites", "n_tokens", "context_dim"), shape, strict=False):
         declared = _metadata_int(path, meta, key)
         if declared != actual:
             raise ContextFileError(path, f"metadata 'anima.{key}' says {declared} but the tokens have {actual}")
@@ -312,6 +317,14 @@ def inspect_file(path: str) -> ContextInfo:
         path=path, arch=arch, n_sites=shape[0], n_tokens=shape[1], context_dim=shape[2],
         site_layout=site_layout_id(site_names), metadata=meta,
     )
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_context(path: str, name: str | None = None) -> ReferenceContext:

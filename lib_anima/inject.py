@@ -184,7 +184,7 @@ class InjectionSession:
         self._entries = [[] for _ in self.sites]
         for act in self.activations:
             act.context.check_fits(names, self.sites[0].context_dim)
-            for site, weight in zip(self.sites, act.site_weights(self.sites)):
+            for site, weight in zip(self.sites, act.site_weights(self.sites), strict=False):
                 strength = act.scale * weight
                 if strength != 0.0:
                     self._entries[site.index].append(_SiteEntry(act, strength, act.context.tokens[site.index]))

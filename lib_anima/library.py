@@ -7,7 +7,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from lib_anima.context import ContextInfo, ReferenceContext, inspect_file, load_context
+from lib_anima.context import ContextInfo, ReferenceContext, file_sha256, inspect_file, load_context
 from lib_anima.errors import AnimaError, ArgumentError
 from lib_anima.names import CONTEXT_SUFFIX, context_path, name_problem
 
@@ -55,7 +55,9 @@ class ContextLibrary:
         if old is not None and old.stamp == stamp:
             return old
         try:
-            return _Entry(stamp, inspect_file(path), None)
+            info = inspect_file(path)
+            info.sha256 = file_sha256(path)
+            return _Entry(stamp, info, None)
         except AnimaError as e:
             log.warning("anima: skipping %s", e)
             return _Entry(stamp, None, str(e))

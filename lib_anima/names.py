@@ -8,8 +8,8 @@ import re
 MAX_NAME_LENGTH = 100
 CONTEXT_SUFFIX = ".safetensors"
 
-# ':' '<' '>' would break the prompt syntax <anima:name:scale>; the rest are path or shell hazards.
-_FORBIDDEN_CHARS = set('/\\:<>"|?*')
+# ":" "<" ">" would break <anima:name:scale>, "," ";" the infotext entry; the rest are path or shell hazards.
+_FORBIDDEN_CHARS = set('/\\:<>"|?*,;')
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 

@@ -1,0 +1,141 @@
+"""What the user asks for: a context by name with scale, mode, start/end and site weights.
+
+One model of a request for all three front ends (prompt syntax, panel, API), parsed and validated here so
+that each gives the same errors. Host-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lib_anima.context import check_mode, check_scale
+from lib_anima.errors import ArgumentError
+from lib_anima.inject import _check_fraction
+from lib_anima.names import check_name
+
+UNIT_FIELDS = ("name", "scale", "mode", "start", "end", "weights")
+
+
+@dataclass
+class ContextUnit:
+    """One context to apply. `weights`: "" (the file's default or all), a preset name or a custom list."""
+
+    name: str
+    scale: float = 1.0
+    mode: str = "positive"
+    start: float = 0.0
+    end: float = 1.0
+    weights: str = ""
+    source: str = "panel"  # "panel" (also the API's alwayson_scripts) or "prompt"
+
+    def __post_init__(self) -> None:
+        self.name = check_name(self.name)
+        self.scale = check_scale(self.scale)
+        self.mode = check_mode(self.mode)
+        self.start = _check_fraction(self.start, "start")
+        self.end = _check_fraction(self.end, "end")
+        if self.start >= self.end:
+            raise ArgumentError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        self.weights = _weights_text(self.weights)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _weights_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{float(v):g}" for v in value)
+    return str(value).strip()
+
+
+def unit_from_prompt_items(positional: list[str], named: dict[str, str], default_scale: float = 1.0) -> ContextUnit:
+    """`<anima:name[:scale[:mode]][:mode=..][:start=..][:end=..][:preset=..|weights=..]>` as a unit."""
+    if not positional or not str(positional[0]).strip():
+        raise ArgumentError("<anima:...> needs a context name, e.g. <anima:my_style:0.8>")
+    unknown = sorted(set(named) - {"scale", "mode", "start", "end", "preset", "weights"})
+    if unknown:
+        raise ArgumentError(f"<anima:{positional[0]}>: unknown argument(s) {', '.join(unknown)}")
+    if len(positional) > 3:
+        raise ArgumentError(f"<anima:{positional[0]}>: too many positional arguments (name, scale, mode)")
+    scale = named.get("scale", positional[1] if len(positional) > 1 else default_scale)
+    mode = named.get("mode", positional[2] if len(positional) > 2 else "positive")
+    return ContextUnit(
+        name=str(positional[0]).strip(),
+        scale=scale,  # type: ignore[arg-type]
+        mode=mode,
+        start=named.get("start", 0.0),  # type: ignore[arg-type]
+        end=named.get("end", 1.0),  # type: ignore[arg-type]
+        weights=named.get("weights", named.get("preset", "")),
+        source="prompt",
+    )
+
+
+MAX_PANEL_UNITS = 3
+PANEL_ARGS_PER_UNIT = len(UNIT_FIELDS)
+
+
+def _unit_from_dict(d: dict[str, Any], where: str) -> ContextUnit:
+    unknown = sorted(set(d) - set(UNIT_FIELDS) - {"preset", "enabled"})
+    if unknown:
+        raise ArgumentError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(UNIT_FIELDS)}")
+    fields = {k: v for k, v in d.items() if k in UNIT_FIELDS}
+    if "preset" in d and "weights" not in d:
+        fields["weights"] = d["preset"]
+    if "name" not in fields:
+        raise ArgumentError(f"{where}: 'name' is required")
+    return ContextUnit(**fields)
+
+
+def units_from_script_args(args: tuple | list) -> list[ContextUnit]:
+    """The panel's (or API ``alwayson_scripts``) arguments as units; [] when disabled.
+
+    Positional: ``[enabled, name, scale, mode, start, end, weights, name, ...]`` (the panel's order).
+    Named: ``[{"enabled": true, "units": [{"name": ..., "scale": ..., ...}, ...]}]`` or ``[{"name": ...}, ...]``.
+    """
+    args = list(args)
+    if not args:
+        return []
+    if isinstance(args[0], dict):
+        return _units_from_dicts(args)
+    enabled, rest = args[0], args[1:]
+    if not _truthy(enabled):
+        return []
+    units = []
+    for i in range(0, len(rest), PANEL_ARGS_PER_UNIT):
+        values = rest[i:i + PANEL_ARGS_PER_UNIT]
+        if not values or values[0] in (None, "", "None"):
+            continue
+        fields = dict(zip(UNIT_FIELDS, values, strict=False))
+        units.append(ContextUnit(**{k: v for k, v in fields.items() if v is not None}))
+    return units
+
+
+def _units_from_dicts(args: list) -> list[ContextUnit]:
+    first = args[0]
+    if "units" in first or "contexts" in first:
+        unknown = sorted(set(first) - {"enabled", "units", "contexts"})
+        if unknown:
+            raise ArgumentError(f"anima args: unknown field(s) {', '.join(unknown)}; known: enabled, units")
+        if not _truthy(first.get("enabled", True)):
+            return []
+        items = first.get("units", first.get("contexts")) or []
+    else:
+        items = args
+    if not isinstance(items, list):
+        raise ArgumentError("anima args: 'units' must be a list of objects")
+    units = []
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise ArgumentError(f"anima unit {n}: expected an object with name, scale, mode, ...; got {item!r}")
+        if _truthy(item.get("enabled", True)):
+            units.append(_unit_from_dict(item, f"anima unit {n}"))
+    return units
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)

@@ -1,0 +1,25 @@
+"""Registers everything with the host; called once by scripts/anima.py."""
+
+from __future__ import annotations
+
+from modules import extra_networks, script_callbacks, ui_extra_networks
+
+from lib_anima.webui import api, generation, settings
+from lib_anima.webui.network import ExtraNetworkAnima
+from lib_anima.webui.page import ExtraNetworksPageAnima
+
+
+def _before_ui() -> None:
+    ui_extra_networks.register_page(ExtraNetworksPageAnima())
+    extra_networks.register_extra_network(ExtraNetworkAnima())
+
+
+def _app_started(_demo, app) -> None:
+    api.add_routes(app)
+
+
+def register() -> None:
+    script_callbacks.on_before_ui(_before_ui, name="anima")
+    script_callbacks.on_cfg_denoiser(generation.on_cfg_denoiser, name="anima")
+    script_callbacks.on_ui_settings(settings.on_ui_settings, name="anima")
+    script_callbacks.on_app_started(_app_started, name="anima")

@@ -1,0 +1,153 @@
+"""One generation path: panel/API units and prompt units → an InjectionSession around sampling.
+
+The script's ``process`` and the extra network's ``activate`` both record their units on the processing object
+``p`` and make sure ``p.sample`` is wrapped. The wrapper installs the hooks just before sampling and removes
+them in ``finally`` (success, exception, interrupt). The host's ``on_cfg_denoiser`` callback tells the tracker,
+each step, how many rows of the coming UNet calls are conditional.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lib_anima import infotext
+from lib_anima.errors import AnimaError
+from lib_anima.inject import Activation, InjectionSession, RowTracker
+from lib_anima.units import ContextUnit
+from lib_anima.webui import store
+
+log = logging.getLogger("anima")
+
+_active_run: RunState | None = None
+
+
+class RunState:
+    """What one processing object asked for and the session applying it."""
+
+    def __init__(self) -> None:
+        self.panel: list[ContextUnit] = []
+        self.prompt: list[ContextUnit] = []
+        self.session: InjectionSession | None = None
+        self.tracker = RowTracker()
+        self.sampling = False
+        self.warned: set[str] = set()
+
+    def units(self) -> list[ContextUnit]:
+        return [u for u in self.panel + self.prompt if u.scale != 0.0]
+
+    def warn(self, p, message: str) -> None:
+        if message in self.warned:
+            return
+        self.warned.add(message)
+        log.warning("anima: %s", message)
+        if hasattr(p, "comment"):  # shown under the image in the UI
+            p.comment(f"Anima: {message}")
+            # and in the infotext, so API clients see it too
+            p.extra_generation_params["Anima warnings"] = "; ".join(sorted(self.warned))
+
+    def start(self, p) -> None:
+        global _active_run
+        self.sampling = True
+        _active_run = self
+        self.install(p)
+
+    def stop(self) -> None:
+        global _active_run
+        self.sampling = False
+        self.uninstall()
+        if _active_run is self:
+            _active_run = None
+
+    def uninstall(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.remove()
+
+    def install(self, p) -> None:
+        """(Re)build the session for the current model from the units; skip what does not fit, with a warning."""
+        self.uninstall()
+        unet = store.current_unet()
+        units = self.units()
+        if unet is None or not units:
+            return
+        activations, applied = [], []
+        for unit in units:
+            activation = self._activation(p, unit, unet)
+            if activation is not None:
+                activations.append(activation)
+                applied.append((unit, activation.context.shorthash))
+        if not activations:
+            return
+        session = InjectionSession(unet, activations, self.tracker)
+        session.install()
+        self.session = session
+        p.extra_generation_params.update(infotext.generation_params(applied))
+
+    def _activation(self, p, unit: ContextUnit, unet) -> Activation | None:
+        try:
+            context = store.library().load(unit.name)
+            activation = Activation(context, unit.scale, unit.mode, unit.start, unit.end, unit.weights or None)
+            probe = InjectionSession(unet, [activation])  # validates fit and weights; installs nothing
+            del probe
+            return activation
+        except AnimaError as e:
+            self.warn(p, f"{unit.name} skipped: {e}")
+            return None
+
+    def on_step(self, p, params) -> None:
+        if self.session is not None and self.session.unet is not store.current_unet():
+            # the refiner (or another checkpoint) took over mid-run: re-check the contexts against it
+            self.warn(p, "the model changed during sampling; contexts were re-checked against the new model")
+            self.install(p)
+        cond = params.text_cond
+        n_cond = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+        self.tracker.begin_step(int(n_cond), int(params.x.shape[0]), int(params.sampling_step), int(params.total_sampling_steps))
+
+
+def run_state(p) -> RunState:
+    """The run state of `p`, created on first use together with the wrapper around `p.sample`."""
+    run = getattr(p, "_anima_run", None)
+    if run is None:
+        run = RunState()
+        p._anima_run = run
+        _wrap_sample(p, run)
+    return run
+
+
+def _wrap_sample(p, run: RunState) -> None:
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        run.start(p)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            run.stop()
+
+    p.sample = sample
+
+
+def set_prompt_units(p, units: list[ContextUnit]) -> None:
+    run = run_state(p)
+    run.prompt = units
+    if run.sampling:  # hires pass: its own prompt's contexts replace the first pass's
+        run.install(p)
+
+
+def on_cfg_denoiser(params) -> None:
+    run = _active_run
+    if run is None:
+        return
+    run.on_step(getattr(params.denoiser, "p", None), params)
+
+
+def hooks_installed() -> int:
+    """Hook handles currently held by an active session (0 outside sampling): for tests and status."""
+    unet = store.current_unet()
+    if unet is None:
+        return 0
+    count = len(unet._forward_pre_hooks)
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            count += len(module._forward_hooks)
+    return count

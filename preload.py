@@ -1,0 +1,10 @@
+"""Command-line options of the extension (A1111 runs this before parsing its arguments)."""
+
+import argparse
+
+
+def preload(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--anima-dir", type=str, default=None,
+        help="folder of anima reference contexts (default: models/anima under the WebUI data dir)",
+    )

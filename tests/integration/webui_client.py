@@ -1,0 +1,81 @@
+"""Small HTTP helpers for talking to the running WebUI in integration tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import numpy as np
+import requests
+from PIL import Image
+
+URL = os.environ.get("ANIMA_WEBUI_URL", "").rstrip("/")
+HOST_DIR = os.environ.get("WEBUI_HOST_DIR", "")
+TIMEOUT = 300
+
+
+def post(path: str, body: dict | None = None, **kw) -> requests.Response:
+    return requests.post(URL + path, json=body, timeout=TIMEOUT, **kw)
+
+
+def get(path: str, **kw) -> requests.Response:
+    return requests.get(URL + path, timeout=TIMEOUT, **kw)
+
+
+class Result:
+    def __init__(self, payload: dict):
+        self.payload = payload
+        self.png_b64 = payload["images"]
+        self.info = json.loads(payload["info"])
+
+    @property
+    def infotext(self) -> str:
+        return self.info["infotexts"][0]
+
+    def pixels(self, index: int = 0) -> np.ndarray:
+        image = Image.open(io.BytesIO(base64.b64decode(self.png_b64[index]))).convert("RGB")
+        return np.asarray(image).astype(np.float64)
+
+
+def txt2img(prompt: str = "a photo of a dog", anima_args: list | None = None, **overrides) -> Result:
+    body = {"prompt": prompt, "steps": 4, "width": 64, "height": 64, "seed": 1234, "sampler_name": "Euler a",
+            "cfg_scale": 7}
+    body.update(overrides)
+    if anima_args is not None:
+        body.setdefault("alwayson_scripts", {})["anima"] = {"args": anima_args}
+    r = post("/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text[:2000]
+    return Result(r.json())
+
+
+def img2img(init: str, prompt: str, **overrides) -> Result:
+    body = {"prompt": prompt, "init_images": [init], "steps": 4, "width": 64, "height": 64, "seed": 99,
+            "denoising_strength": 0.6, "sampler_name": "Euler a"}
+    body.update(overrides)
+    r = post("/sdapi/v1/img2img", body)
+    assert r.status_code == 200, r.text[:2000]
+    return Result(r.json())
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def create_context(name: str, **fields) -> dict:
+    body = {"name": name, "seed": 7, "std": 1.0, "overwrite": True, **fields}
+    r = post("/anima/v1/contexts", body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def status() -> dict:
+    r = get("/anima/v1/status")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def set_checkpoint(name: str) -> None:
+    r = post("/sdapi/v1/options", {"sd_model_checkpoint": name})
+    assert r.status_code == 200, r.text

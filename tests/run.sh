@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test of sd-webui-anima on a fresh machine: lint, core tests (real torch and the host's own ldm/sgm
+# modules) and integration tests against a real A1111 v1.10.1 (CPU, tiny random-weight checkpoints), HTTP and
+# browser. Installs what it needs: a venv (.venv), the offline host (../shared/host → .webui-host), test tools,
+# Debian's chromium. Extra arguments go to pytest, e.g. `bash tests/run.sh -k infotext`.
+#
+# Env: ANIMA_VENV (venv dir), WEBUI_HOST_DIR (host dir), ANIMA_PORT (default 7871), ANIMA_SHARED_HOST.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+SHARED_HOST="${ANIMA_SHARED_HOST:-$ROOT/../shared/host}"
+VENV="${ANIMA_VENV:-$ROOT/.venv}"
+PORT="${ANIMA_PORT:-7871}"
+export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/.webui-host}"
+EXT_LINK="$WEBUI_HOST_DIR/extensions/sd-webui-anima"
+log() { echo "[anima tests] $*"; }
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+bash "$SHARED_HOST/setup.sh" "$WEBUI_HOST_DIR"
+python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing Debian's chromium for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
+
+log "lint"
+ruff check .
+
+stop_host() { bash "$SHARED_HOST/stop.sh" "$WEBUI_HOST_DIR" >/dev/null || true; }
+trap stop_host EXIT
+stop_host
+
+log "baseline images from the host WITHOUT the extension"
+rm -f "$EXT_LINK"
+BASELINE="$(mktemp -d)"
+WEBUI_HOST_WARMUP=1 bash "$SHARED_HOST/start.sh" "$PORT" "$WEBUI_HOST_DIR" >/dev/null
+ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" python -m tests.integration.baseline "$BASELINE"
+stop_host
+
+log "host WITH the extension"
+ln -sfn "$ROOT" "$EXT_LINK"
+bash "$SHARED_HOST/start.sh" "$PORT" "$WEBUI_HOST_DIR" >/dev/null
+export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
+python -m pytest tests -q -rs --durations=15 "$@"

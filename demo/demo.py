@@ -29,7 +29,8 @@ def encode(image: Image.Image) -> str:
 
 def make_context(url: str, reference: Image.Image, prompt: str) -> str:
     """Train from the reference where the extension offers training; else an untrained context from text."""
-    body = {"name": NAME, "images": [encode(reference)], "prompt": prompt, "overwrite": True}
+    body = {"name": NAME, "images": [encode(reference)], "prompt": prompt, "overwrite": True, "steps": 40,
+            "resolution": reference.width}
     r = requests.post(f"{url}/anima/v1/train", json=body, timeout=1800)
     if r.status_code == 200:
         return f"trained from the reference image ({r.json().get('steps', '?')} steps)"

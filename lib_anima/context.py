@@ -176,7 +176,7 @@ class ReferenceContext:
         tensors = {TOKENS_KEY: self.tokens.detach().to("cpu", torch.float32).contiguous()}
         if self.site_weights is not None:
             tensors[SITE_WEIGHTS_KEY] = self.site_weights.detach().to("cpu", torch.float32).contiguous()
-        return save_safetensors_bytes(tensors, metadata=self.metadata())
+        return _sorted_metadata(save_safetensors_bytes(tensors, metadata=self.metadata()))
 
     def save(self, path: str) -> None:
         """Write atomically; sets path and sha256."""
@@ -184,6 +184,18 @@ class ReferenceContext:
         atomic_write_bytes(path, data)
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """`data` with its header's metadata in key order. safetensors writes the metadata in hash-map order, which
+    differs from call to call, so the same context would otherwise get a different file (and sha256) each save."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors keeps the tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw + data[8 + header_len :]
 
 
 # ---- reading --------------------------------------------------------------------------------------------------

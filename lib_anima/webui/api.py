@@ -43,6 +43,19 @@ class CreateRequest(BaseModel):
     overwrite: bool = False
 
 
+class TrainBody(BaseModel):
+    name: str
+    images: list[str]
+    prompt: str = ""
+    steps: int = 300
+    learning_rate: float = 5e-3
+    n_tokens: int = 4
+    resolution: int = 0
+    flip: bool = True
+    seed: int = 0
+    overwrite: bool = False
+
+
 class Status(BaseModel):
     version: str
     hooks_installed: int
@@ -111,6 +124,17 @@ def add_routes(app: FastAPI) -> None:
             raise HTTPException(status_code=409 if "already exists" in str(e) else 400, detail=str(e)) from None
         return _summary(context.name)
 
+    def train(body: TrainBody) -> dict:
+        from lib_anima.webui import training
+
+        try:
+            images = [training.decode_image(data) for data in body.images]
+            fields = body.dict()
+            fields["images"] = images
+            return training.train(training.TrainRequest(**fields))
+        except AnimaError as e:
+            raise HTTPException(status_code=409 if "already exists" in str(e) else 400, detail=str(e)) from None
+
     def status() -> Status:
         from modules import shared
 
@@ -120,6 +144,7 @@ def add_routes(app: FastAPI) -> None:
 
     add_route(f"{PREFIX}/contexts", list_contexts, methods=["GET"], response_model=ContextList)
     add_route(f"{PREFIX}/contexts", create, methods=["POST"], response_model=ContextSummary)
+    add_route(f"{PREFIX}/train", train, methods=["POST"])
     add_route(f"{PREFIX}/refresh", refresh_contexts, methods=["POST"], response_model=ContextList)
     add_route(f"{PREFIX}/contexts/{{name}}", get_context, methods=["GET"], response_model=ContextSummary)
     add_route(f"{PREFIX}/status", status, methods=["GET"], response_model=Status)

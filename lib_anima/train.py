@@ -1,0 +1,600 @@
+"""Training a reference context: only the tokens learn, the model stays frozen.
+
+The loop trains the tokens ``[sites, n_tokens, context_dim]`` with the ordinary diffusion loss on precomputed
+examples (VAE latents and text conditioning made by the caller; a flipped copy is just another example). The
+tokens act through the same hook as at generation (:class:`lib_anima.inject.InjectionSession`, mode positive,
+scale 1, every row conditional), so what is learned is exactly what is applied later.
+
+The model is reached through two things only, so the WebUI glue can plug in its own model:
+
+* ``unet_apply(x_noisy, t, cond) -> prediction``: one denoiser call, ``x_noisy`` ``[B, C, h, w]`` float32,
+  ``t`` ``[B]`` int64 timesteps, ``cond`` the batched conditioning (``[B, L, dim]`` tensor, or for SDXL a dict
+  with ``crossattn`` ``[B, L, dim]`` and ``vector`` ``[B, adm]``). It must call ``unet_module`` (casting dtypes
+  as the model needs).
+* ``unet_module``: the ``nn.Module`` holding the ``attn2`` sites (``diffusion_model``), hooked for the tokens.
+
+One step: pick ``batch_size · grad_accumulation`` examples (each example equally often: a fresh shuffle of
+the examples per pass over them), draw a timestep uniformly from ``[0, T)`` (or a truncated range,
+``TrainConfig.timestep_range``) and Gaussian noise per example, noise the latent
+``x_t = √ā·x0 + √(1-ā)·ε``, and regress the model's output on ``ε`` (eps models) or on
+``v = √ā·ε − √(1-ā)·x0`` (v models). The squared error is weighted per latent pixel by the example's mask (0 →
+no loss at all) and normalised by the mask's sum, so a small mask does not shrink the step. AdamW updates the
+tokens only.
+
+Determinism and resume: the randomness of step ``s`` (timesteps, noise) comes from a generator seeded from
+``(seed, s)``, the shuffle of pass ``p`` from ``(seed, p)``, all on the CPU. A run resumed from a saved
+:class:`TrainState` therefore takes exactly the steps the uninterrupted run would have taken.
+
+Defaults (one reference image plus its flip, a few minutes on a consumer GPU):
+
+* ``n_tokens = 4``: a few tokens per site carry one image's look; more tokens mostly memorise layout.
+* ``lr = 5e-3`` constant, ``steps = 300``: Adam moves each element by about ``lr`` per step, so in a few
+  hundred steps the tokens reach the scale of the text encoder's hidden states (≈ unit std), which is the
+  scale at which they compete with the prompt; longer runs on one image mostly overfit. This is the A1111
+  textual-inversion default rate as well. A starting point, not a tuned optimum.
+* ``init_std = 0.02``: random small tokens start as a near no-op (their values, hence the added attention, are
+  ~2% of a text token's), while being distinct so the tokens do not stay identical (zero init would).
+* ``batch_size = 1``, ``grad_accumulation = 1``, ``weight_decay = 0``, timesteps uniform over all of ``[0, T)``.
+
+The model is left as it was: every parameter's ``requires_grad``, every submodule's train/eval mode and every
+ldm/sgm ``checkpoint`` flag are restored afterwards, also on errors; the device is never changed. During training
+the UNet is in eval mode (no dropout; the host's sub-quadratic attention does not checkpoint) and the ldm/sgm
+gradient checkpointing of the transformer blocks is off: their checkpoint function hands only the block's own
+parameters to autograd, so no gradient would reach the tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import random
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+import lib_anima
+from lib_anima.context import ReferenceContext, site_layout_id
+from lib_anima.errors import AnimaError, ArgumentError, ContextMismatchError
+from lib_anima.fileio import atomic_write_bytes
+from lib_anima.inject import Activation, AllConditional, InjectionSession
+from lib_anima.layout import Site, find_sites, parse_weights
+
+Cond = torch.Tensor | dict[str, torch.Tensor]
+UnetApply = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+PARAMETERIZATIONS = ("eps", "v")
+PRECISIONS = ("fp32", "fp16", "bf16")
+STATE_VERSION = 1
+_STATE_META = "anima.train_state"
+
+
+class TrainingDiverged(AnimaError):
+    """The loss (or the tokens) stopped being finite; `state` is the last good state, before the bad step."""
+
+    def __init__(self, message: str, step: int, state: TrainState):
+        super().__init__(message)
+        self.step = step  # the step (1-based) that failed
+        self.state = state
+
+
+class TrainStateFileError(AnimaError):
+    """A training state file is unreadable or invalid."""
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainExample:
+    """One training example: a VAE latent, its conditioning and an optional loss mask."""
+
+    latent: torch.Tensor  # [C, h, w], already scaled by the VAE's scale factor
+    cond: Cond  # [L, dim], or {"crossattn": [L, dim], "vector": [adm]} for SDXL
+    mask: torch.Tensor | None = None  # [1, h, w] (or [h, w]) loss weight >= 0 in latent resolution
+
+    def __post_init__(self) -> None:
+        lat = self.latent
+        if not isinstance(lat, torch.Tensor) or lat.dim() != 3 or not lat.is_floating_point():
+            raise ArgumentError(f"a latent must be a float tensor [C, h, w], got {_describe(lat)}")
+        if isinstance(self.cond, dict):
+            if "crossattn" not in self.cond:
+                raise ArgumentError(f"a conditioning dict needs 'crossattn', got keys {sorted(self.cond)}")
+            if not all(isinstance(v, torch.Tensor) for v in self.cond.values()):
+                raise ArgumentError("every conditioning value must be a tensor")
+            text = self.cond["crossattn"]
+        elif isinstance(self.cond, torch.Tensor):
+            text = self.cond
+        else:
+            raise ArgumentError(f"conditioning must be a tensor or a dict of tensors, got {type(self.cond).__name__}")
+        if text.dim() != 2:
+            raise ArgumentError(f"text conditioning must be [tokens, dim] (no batch dimension), got {_describe(text)}")
+        if self.mask is not None:
+            m = self.mask
+            if isinstance(m, torch.Tensor) and m.dim() == 2:
+                m = m.unsqueeze(0)
+            if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != 1 or m.shape[1:] != lat.shape[1:]:
+                raise ArgumentError(f"a mask must be [1, {lat.shape[1]}, {lat.shape[2]}] like its latent, got {_describe(m)}")
+            m = m.float()
+            if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+                raise ArgumentError("mask weights must be finite and not negative")
+            if float(m.sum()) <= 0:
+                raise ArgumentError("a mask must not be zero everywhere")
+            self.mask = m
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__
+
+
+@dataclass
+class DiffusionSchedule:
+    """The model's noise schedule: ``alphas_cumprod`` ``[T]`` and what the model predicts (``eps`` or ``v``)."""
+
+    alphas_cumprod: torch.Tensor
+    parameterization: str = "eps"
+
+    def __post_init__(self) -> None:
+        a = torch.as_tensor(self.alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if a.numel() < 2 or not bool(torch.isfinite(a).all()) or bool((a <= 0).any()) or bool((a > 1).any()):
+            raise ArgumentError("alphas_cumprod must be at least 2 finite values in (0, 1]")
+        self.alphas_cumprod = a
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ArgumentError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {self.parameterization!r}")
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.alphas_cumprod[t.cpu()]
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        sa = a.sqrt().to(like.device, like.dtype).view(shape)
+        s1a = (1 - a).sqrt().to(like.device, like.dtype).view(shape)
+        return sa, s1a
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sa, s1a = self._coefficients(t, x0)
+        return sa * x0 + s1a * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.parameterization == "eps":
+            return noise
+        sa, s1a = self._coefficients(t, x0)
+        return sa * noise - s1a * x0
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how; see the module docstring for why the defaults are what they are."""
+
+    steps: int = 300  # total steps (a resumed run continues up to this count)
+    lr: float | Callable[[int], float] = 5e-3  # constant, or step index (0-based) -> lr
+    lr_text: str = ""  # how to record the lr (e.g. the WebUI's schedule text); default: the number
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    n_tokens: int = 4
+    init: torch.Tensor | None = None  # [n_tokens, dim] (every site) or [sites, n_tokens, dim]; None: random
+    init_std: float = 0.02
+    seed: int | None = None  # None or negative: a random seed, recorded
+    weights: str | list[float] | None = None  # preset or per-site list; sites with weight 0 do not train
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of [0, T) to sample timesteps from
+    save_every: int = 0  # call on_save every this many steps (0: never)
+    precision: str = "fp32"  # fp16 / bf16: autocast around the model on cuda (ignored elsewhere)
+    weight_decay: float = 0.0
+    record: dict[str, Any] = field(default_factory=dict)  # merged into the context's training record
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accumulation", "n_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ArgumentError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ArgumentError(f"save_every must be a whole number >= 0, got {self.save_every!r}")
+        if not callable(self.lr):
+            _check_lr(self.lr)
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ArgumentError(f"init_std must be a positive number, got {self.init_std!r}")
+        lo, hi = self.timestep_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ArgumentError(f"timestep_range must be two fractions 0 <= low < high <= 1, got {self.timestep_range!r}")
+        if self.precision not in PRECISIONS:
+            raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ArgumentError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def lr_at(self, step: int) -> float:
+        return _check_lr(self.lr(step) if callable(self.lr) else self.lr, step)
+
+    def describe_lr(self) -> str:
+        return self.lr_text or (repr(float(self.lr)) if not callable(self.lr) else "schedule")
+
+
+def _check_lr(value: object, step: int | None = None) -> float:
+    where = "" if step is None else f" at step {step}"
+    try:
+        lr = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ArgumentError(f"learning rate{where} must be a number, got {value!r}") from None
+    if not math.isfinite(lr) or lr < 0:
+        raise ArgumentError(f"learning rate{where} must be a finite number >= 0, got {value!r}")
+    return lr
+
+
+# ---- state -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly: tokens, AdamW state, steps done, seed, losses."""
+
+    tokens: torch.Tensor  # [sites, n_tokens, dim] float32
+    step: int  # steps done
+    seed: int
+    optimizer: dict[str, Any]  # torch optimizer state_dict of AdamW over [tokens]
+    losses: list[float] = field(default_factory=list)  # loss of every step done
+    scaler: dict[str, Any] | None = None  # fp16 GradScaler state
+    site_layout: str = ""
+
+    def to_bytes(self) -> bytes:
+        tensors = {"tokens": self.tokens.detach().to("cpu", torch.float32).contiguous()}
+        opt_state: dict[str, dict[str, Any]] = {}
+        for pid, entry in self.optimizer.get("state", {}).items():
+            plain = {}
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    plain[key] = value
+            opt_state[str(pid)] = plain
+        meta = {
+            "version": STATE_VERSION, "step": self.step, "seed": self.seed, "losses": self.losses,
+            "scaler": self.scaler, "site_layout": self.site_layout,
+            "optimizer_state": opt_state, "param_groups": self.optimizer.get("param_groups", []),
+        }
+        return save_safetensors_bytes(tensors, metadata={_STATE_META: json.dumps(meta)})
+
+    def save(self, path: str) -> None:
+        """Write atomically (safetensors; the non-tensor parts as JSON metadata)."""
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, label: str = "training state") -> TrainState:
+        try:
+            (n,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8 : 8 + n])
+            meta = json.loads(header["__metadata__"][_STATE_META])
+            tensors = load_safetensors_bytes(data)
+        except Exception as e:  # any corruption: struct, JSON, key or safetensors errors
+            raise TrainStateFileError(f"{label}: not an anima training state ({type(e).__name__}: {e})") from None
+        if meta.get("version") != STATE_VERSION:
+            raise TrainStateFileError(f"{label}: training state version {meta.get('version')!r}, expected {STATE_VERSION}")
+        try:
+            state: dict[Any, dict[str, Any]] = {}
+            for pid, plain in meta["optimizer_state"].items():
+                entry = dict(plain)
+                prefix = f"optimizer.{pid}."
+                entry.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+                state[int(pid)] = entry
+            groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+            result = cls(
+                tokens=tensors["tokens"].float(), step=int(meta["step"]), seed=int(meta["seed"]),
+                optimizer={"state": state, "param_groups": groups}, losses=[float(x) for x in meta["losses"]],
+                scaler=meta.get("scaler"), site_layout=str(meta.get("site_layout", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TrainStateFileError(f"{label}: incomplete training state ({type(e).__name__}: {e})") from None
+        if result.tokens.dim() != 3 or not bool(torch.isfinite(result.tokens).all()):
+            raise TrainStateFileError(f"{label}: tokens must be a finite [sites, n_tokens, dim] tensor")
+        return result
+
+    @classmethod
+    def load(cls, path: str) -> TrainState:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise TrainStateFileError(f"training state {path!r} cannot be read ({e.strerror or e})") from None
+        return cls.from_bytes(data, f"training state {path!r}")
+
+
+@dataclass
+class TrainResult:
+    context: ReferenceContext  # the tokens so far, arch and site names filled, with the training record
+    losses: list[float]  # loss of each step run by this call
+    state: TrainState  # to resume (or to save for later)
+    interrupted: bool = False  # should_stop() ended the run before config.steps
+
+
+# ---- the model, frozen -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters without grad, eval mode, ldm/sgm block checkpointing off; all restored on exit."""
+    params = [(p, p.requires_grad) for p in module.parameters()]
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(m, m.checkpoint) for m in module.modules() if isinstance(getattr(m, "checkpoint", None), bool)]
+    try:
+        for p, _ in params:
+            p.requires_grad_(False)
+        module.eval()
+        for m, _ in flags:
+            m.checkpoint = False
+        yield
+    finally:
+        for p, req in params:
+            p.requires_grad_(req)
+        for m, mode in modes:
+            m.training = mode
+        for m, flag in flags:
+            m.checkpoint = flag
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, stream: str, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"anima/{seed}/{stream}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _sample_indices(seed: int, step: int, per_step: int, n: int) -> list[int]:
+    """Example indices of one step: consecutive draws from a fresh shuffle per pass over the examples."""
+    out, perms = [], {}
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch = i // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=_generator(seed, "epoch", epoch)).tolist()
+        out.append(perms[epoch][i % n])
+    return out
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-example mean squared error ``[B]``, weighted per pixel by `mask` ``[B, 1, h, w]`` (normalised by its sum)."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.flatten(1).mean(1)
+    m = mask.float()
+    return (err * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * err.shape[1])
+
+
+def _collate(conds: list[Cond], device: torch.device) -> Cond:
+    if isinstance(conds[0], dict):
+        return {k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]}  # type: ignore[index]
+    return torch.stack(conds).to(device)  # type: ignore[arg-type]
+
+
+def _group_key(ex: TrainExample) -> tuple:
+    cond = ex.cond
+    cond_key = tuple(sorted((k, tuple(v.shape)) for k, v in cond.items())) if isinstance(cond, dict) else tuple(cond.shape)
+    return (tuple(ex.latent.shape), cond_key, ex.mask is not None)
+
+
+def _guess_arch(sites: list[Site]) -> str:
+    if len(sites) == 70:
+        return "sdxl"
+    return "sd2" if sites[0].context_dim == 1024 else "sd1"
+
+
+def _initial_tokens(config: TrainConfig, n_sites: int, dim: int, seed: int) -> torch.Tensor:
+    shape = (n_sites, config.n_tokens, dim)
+    if config.init is None:
+        return torch.randn(shape, generator=_generator(seed, "init", 0)) * config.init_std
+    init = config.init.detach().to("cpu", torch.float32)
+    if init.dim() == 2:
+        init = init.unsqueeze(0).expand(n_sites, -1, -1)
+    if tuple(init.shape) != shape:
+        raise ArgumentError(f"init tokens must be [{config.n_tokens}, {dim}] or {list(shape)}, got {list(config.init.shape)}")
+    if not bool(torch.isfinite(init).all()):
+        raise ArgumentError("init tokens contain NaN or infinite values")
+    return init.clone()
+
+
+def _make_scaler(enabled: bool) -> Any:
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+def train_context(
+    unet_apply: UnetApply,
+    unet_module: torch.nn.Module,
+    examples: Sequence[TrainExample],
+    config: TrainConfig,
+    schedule: DiffusionSchedule,
+    *,
+    arch: str | None = None,
+    state: TrainState | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_save: Callable[[TrainState, ReferenceContext], None] | None = None,
+) -> TrainResult:
+    """Train a reference context's tokens on `examples` up to ``config.steps`` steps (continuing `state`).
+
+    ``on_step(steps_done, loss, lr)`` is called after every step; ``should_stop()`` before every step (True: return
+    what there is, ``interrupted=True``); ``on_save(state, context)`` every ``config.save_every`` steps. A loss or
+    tokens that stop being finite raise :class:`TrainingDiverged` carrying the state before that step.
+    """
+    config.validate()
+    examples = list(examples)
+    if not examples:
+        raise ArgumentError("no training examples")
+    sites = find_sites(unet_module)
+    site_names = [s.name for s in sites]
+    dim = sites[0].context_dim
+    arch = arch or _guess_arch(sites)
+    weights = parse_weights(config.weights, sites)
+    if not any(w != 0 for w in weights):
+        raise ArgumentError("every site weight is 0: nothing would train")
+    layout = site_layout_id(site_names)
+    for i, ex in enumerate(examples):
+        text = ex.cond["crossattn"] if isinstance(ex.cond, dict) else ex.cond
+        if text.shape[-1] != dim:
+            raise ArgumentError(f"example {i}: conditioning dim {text.shape[-1]}, the model's cross-attention takes {dim}")
+
+    if state is not None:
+        if config.seed is not None and config.seed >= 0 and config.seed != state.seed:
+            raise ArgumentError(f"resuming a run with seed {state.seed}, but seed {config.seed} was asked for")
+        if state.site_layout and state.site_layout != layout:
+            raise ContextMismatchError(f"the training state is for site layout {state.site_layout}, the model has {layout}")
+        if tuple(state.tokens.shape) != (len(sites), config.n_tokens, dim):
+            raise ContextMismatchError(
+                f"the training state has tokens {list(state.tokens.shape)}, "
+                f"this run needs {[len(sites), config.n_tokens, dim]}"
+            )
+        seed = state.seed
+    else:
+        seed = config.seed if config.seed is not None and config.seed >= 0 else random.SystemRandom().randrange(2**31)
+
+    device = next(unet_module.parameters()).device
+    init = state.tokens if state is not None else _initial_tokens(config, len(sites), dim, seed)
+    tokens = torch.nn.Parameter(init.detach().to(device, torch.float32).clone())
+    optimizer = torch.optim.AdamW([tokens], lr=config.lr_at(0), weight_decay=config.weight_decay)
+    use_cuda = device.type == "cuda"
+    unet_fp16 = any(p.dtype == torch.float16 for p in unet_module.parameters())
+    scaler = _make_scaler(use_cuda and (config.precision == "fp16" or unet_fp16))
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        if state.scaler and scaler.is_enabled():
+            scaler.load_state_dict(state.scaler)
+    losses_all = list(state.losses) if state is not None else []
+    step = state.step if state is not None else 0
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
+
+    # Examples on the device once, as plain tensors (they may have been made under inference mode).
+    data = [
+        (
+            ex.latent.detach().to(device, torch.float32).clone(),
+            {k: v.detach().to(device).clone() for k, v in ex.cond.items()} if isinstance(ex.cond, dict)
+            else ex.cond.detach().to(device).clone(),
+            None if ex.mask is None else ex.mask.detach().to(device, torch.float32).clone(),
+        )
+        for ex in examples
+    ]
+    context = ReferenceContext(tokens=tokens, arch=arch, site_names=site_names)
+    activation = Activation(context, scale=1.0, mode="positive", weights=weights)
+    t_lo = int(round(config.timestep_range[0] * schedule.num_timesteps))
+    t_hi = max(t_lo + 1, int(round(config.timestep_range[1] * schedule.num_timesteps)))
+    per_step = config.batch_size * config.grad_accumulation
+
+    def snapshot() -> TrainState:
+        return TrainState(
+            tokens=tokens.detach().to("cpu").clone(), step=step, seed=seed,
+            optimizer=_cpu_copy(optimizer.state_dict()), losses=list(losses_all),
+            scaler=dict(scaler.state_dict()) if scaler.is_enabled() else None, site_layout=layout,
+        )
+
+    def build_context(interrupted: bool) -> ReferenceContext:
+        record: dict[str, Any] = {
+            "trainer": f"anima {lib_anima.__version__}", "steps": step, "steps_planned": config.steps,
+            "lr": config.describe_lr(), "batch_size": config.batch_size,
+            "grad_accumulation": config.grad_accumulation, "n_tokens": config.n_tokens, "seed": seed,
+            "examples": len(examples), "parameterization": schedule.parameterization,
+            "timestep_range": list(config.timestep_range), "weights": _weights_text(config.weights),
+            "init": "tensor" if config.init is not None else f"normal(0, {config.init_std:g})",
+            "precision": config.precision, "weight_decay": config.weight_decay,
+            "loss": sum(losses_all[-10:]) / len(losses_all[-10:]) if losses_all else None,
+            "interrupted": interrupted,
+        }
+        record.update(config.record)
+        site_weights = None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=torch.float32)
+        return ReferenceContext(
+            tokens=tokens.detach().to("cpu", torch.float32).clone(), arch=arch, site_names=list(site_names),
+            site_weights=site_weights, training=record,
+        )
+
+    losses: list[float] = []
+    interrupted = False
+    with frozen(unet_module), torch.inference_mode(False), torch.enable_grad():
+        while step < config.steps:
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            chosen = _sample_indices(seed, step, per_step, len(data))
+            g = _generator(seed, "step", step)
+            timesteps = torch.randint(t_lo, t_hi, (per_step,), generator=g)
+            noises = [torch.randn(data[i][0].shape, generator=g) for i in chosen]
+            step_loss = 0.0
+            for micro in range(config.grad_accumulation):
+                slots = range(micro * config.batch_size, (micro + 1) * config.batch_size)
+                groups: dict[tuple, list[int]] = {}
+                for j in slots:
+                    groups.setdefault(_group_key(examples[chosen[j]]), []).append(j)
+                for members in groups.values():
+                    x0 = torch.stack([data[chosen[j]][0] for j in members])
+                    noise = torch.stack([noises[j] for j in members]).to(device)
+                    t = timesteps[members].to(device)
+                    cond = _collate([data[chosen[j]][1] for j in members], device)  # type: ignore[misc]
+                    masks = [data[chosen[j]][2] for j in members]
+                    mask = None if masks[0] is None else torch.stack(masks)  # type: ignore[arg-type]
+                    x_t = schedule.noisy(x0, noise, t)
+                    target = schedule.target(x0, noise, t)
+                    autocast = (
+                        torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype is not None
+                        else contextlib.nullcontext()
+                    )
+                    with InjectionSession(unet_module, [activation], AllConditional()), autocast:
+                        pred = unet_apply(x_t, t, cond)
+                    if not isinstance(pred, torch.Tensor) or pred.shape != x0.shape:
+                        raise ArgumentError(f"unet_apply returned {_describe(pred)} for an input of shape {list(x0.shape)}")
+                    loss = masked_mse(pred, target, mask).sum() / per_step
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(_diverged_text(step + 1, f"the loss is {value}", lr), step + 1, snapshot())
+                    scaler.scale(loss).backward()
+                    step_loss += value
+            if not scaler.is_enabled() and tokens.grad is not None and not bool(torch.isfinite(tokens.grad).all()):
+                raise TrainingDiverged(_diverged_text(step + 1, "the gradient is not finite", lr), step + 1, snapshot())
+            before = (tokens.detach().clone(), copy.deepcopy(optimizer.state_dict()))  # on the device: cheap
+            scaler.step(optimizer)
+            scaler.update()
+            if not bool(torch.isfinite(tokens).all()):
+                with torch.no_grad():
+                    tokens.copy_(before[0])
+                optimizer.load_state_dict(before[1])
+                raise TrainingDiverged(_diverged_text(step + 1, "the tokens are not finite", lr), step + 1, snapshot())
+            step += 1
+            losses.append(step_loss)
+            losses_all.append(step_loss)
+            if on_step is not None:
+                on_step(step, step_loss, lr)
+            if on_save is not None and config.save_every and step % config.save_every == 0 and step < config.steps:
+                on_save(snapshot(), build_context(interrupted=False))
+    tokens.grad = None
+    return TrainResult(context=build_context(interrupted), losses=losses, state=snapshot(), interrupted=interrupted)
+
+
+def _diverged_text(step: int, what: str, lr: float) -> str:
+    return (
+        f"training diverged at step {step}: {what}. The tokens from before that step are kept; "
+        f"try a lower learning rate (it was {lr:g})"
+    )
+
+
+def _weights_text(spec: str | list[float] | None) -> str:
+    if spec is None or spec == "":
+        return "all"
+    return spec if isinstance(spec, str) else ",".join(f"{w:g}" for w in spec)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    return copy.copy(obj)

@@ -104,7 +104,7 @@ class ContextLibrary:
             return entry.loaded
 
     def find(self, name_or_hash: str) -> str | None:
-        """The name of a context by its exact name, case-insensitive name, or short hash prefix."""
+        """The name of a context by its exact or case-insensitive name (None when there is none)."""
         with self._lock:
             if name_or_hash in self._entries:
                 return name_or_hash

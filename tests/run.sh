@@ -29,18 +29,28 @@ log "lint"
 ruff check .
 
 stop_host() { bash "$SHARED_HOST/stop.sh" "$WEBUI_HOST_DIR" >/dev/null || true; }
+wait_port_free() {  # a stopped server's socket can linger for a moment
+    for _ in $(seq 1 60); do
+        python -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1', $1)) else 1)" && return 0
+        sleep 0.5
+    done
+    log "port $1 is still in use"; return 1
+}
 trap stop_host EXIT
 stop_host
 
 log "baseline images from the host WITHOUT the extension"
 rm -f "$EXT_LINK"
 BASELINE="$(mktemp -d)"
-WEBUI_HOST_WARMUP=1 bash "$SHARED_HOST/start.sh" "$PORT" "$WEBUI_HOST_DIR" >/dev/null
-ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" python -m tests.integration.baseline "$BASELINE"
+BASE_PORT=$((PORT + 1))
+wait_port_free "$BASE_PORT"
+bash "$SHARED_HOST/start.sh" "$BASE_PORT" "$WEBUI_HOST_DIR" >/dev/null
+ANIMA_WEBUI_URL="http://127.0.0.1:$BASE_PORT" python -m tests.integration.baseline "$BASELINE"
 stop_host
 
 log "host WITH the extension"
 ln -sfn "$ROOT" "$EXT_LINK"
+wait_port_free "$PORT"
 bash "$SHARED_HOST/start.sh" "$PORT" "$WEBUI_HOST_DIR" >/dev/null
 export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
 python -m pytest tests -q -rs --durations=15 "$@"

@@ -360,10 +360,10 @@ def _sample_indices(seed: int, step: int, per_step: int, n: int) -> list[int]:
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Per-example mean squared error ``[B]``, weighted per pixel by `mask` ``[B, 1, h, w]`` (normalised by its sum)."""
-    err = (pred.float() - target.float()) ** 2
+    err = (pred.float() - target.to(pred.device, torch.float32)) ** 2
     if mask is None:
         return err.flatten(1).mean(1)
-    m = mask.float()
+    m = mask.to(pred.device, torch.float32)
     return (err * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * err.shape[1])
 
 
@@ -413,6 +413,7 @@ def train_context(
     schedule: DiffusionSchedule,
     *,
     arch: str | None = None,
+    device: torch.device | str | None = None,
     state: TrainState | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -420,6 +421,8 @@ def train_context(
 ) -> TrainResult:
     """Train a reference context's tokens on `examples` up to ``config.steps`` steps (continuing `state`).
 
+    `device` is where the tokens, latents and noise live (default: that of the UNet's first parameter; give it
+    when the host keeps the UNet elsewhere between calls, e.g. A1111's ``--medvram``).
     ``on_step(steps_done, loss, lr)`` is called after every step; ``should_stop()`` before every step (True: return
     what there is, ``interrupted=True``); ``on_save(state, context)`` every ``config.save_every`` steps. A loss or
     tokens that stop being finite raise :class:`TrainingDiverged` carrying the state before that step.
@@ -455,7 +458,7 @@ def train_context(
     else:
         seed = config.seed if config.seed is not None and config.seed >= 0 else random.SystemRandom().randrange(2**31)
 
-    device = next(unet_module.parameters()).device
+    device = torch.device(device) if device is not None else next(unet_module.parameters()).device
     init = state.tokens if state is not None else _initial_tokens(config, len(sites), dim, seed)
     tokens = torch.nn.Parameter(init.detach().to(device, torch.float32).clone())
     optimizer = torch.optim.AdamW([tokens], lr=config.lr_at(0), weight_decay=config.weight_decay)

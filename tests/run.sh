@@ -29,6 +29,15 @@ log "lint"
 ruff check .
 
 stop_host() { bash "$SHARED_HOST/stop.sh" "$WEBUI_HOST_DIR" >/dev/null || true; }
+start_host() {  # $1 port; retried: the host's warm-up request can race its own start-up (seen once: HTTP 500)
+    for attempt in 1 2 3; do
+        wait_port_free "$1" && bash "$SHARED_HOST/start.sh" "$1" "$WEBUI_HOST_DIR" >/dev/null && return 0
+        log "host start failed (attempt $attempt); retrying"
+        stop_host
+        sleep 3
+    done
+    return 1
+}
 wait_port_free() {  # a stopped server's socket can linger for a moment
     for _ in $(seq 1 60); do
         python -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1', $1)) else 1)" && return 0
@@ -43,14 +52,12 @@ log "baseline images from the host WITHOUT the extension"
 rm -f "$EXT_LINK"
 BASELINE="$(mktemp -d)"
 BASE_PORT=$((PORT + 1))
-wait_port_free "$BASE_PORT"
-bash "$SHARED_HOST/start.sh" "$BASE_PORT" "$WEBUI_HOST_DIR" >/dev/null
+start_host "$BASE_PORT"
 ANIMA_WEBUI_URL="http://127.0.0.1:$BASE_PORT" python -m tests.integration.baseline "$BASELINE"
 stop_host
 
 log "host WITH the extension"
 ln -sfn "$ROOT" "$EXT_LINK"
-wait_port_free "$PORT"
-bash "$SHARED_HOST/start.sh" "$PORT" "$WEBUI_HOST_DIR" >/dev/null
+start_host "$PORT"
 export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
 python -m pytest tests -q -rs --durations=15 "$@"

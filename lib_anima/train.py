@@ -72,6 +72,7 @@ UnetApply = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 PARAMETERIZATIONS = ("eps", "v")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STATE_VERSION = 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _STATE_META = "anima.train_state"
 
 
@@ -224,8 +225,8 @@ def _check_lr(value: object, step: int | None = None) -> float:
         lr = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ArgumentError(f"learning rate{where} must be a number, got {value!r}") from None
-    if not math.isfinite(lr) or lr < 0:
-        raise ArgumentError(f"learning rate{where} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(lr) or not 0 <= lr <= _FLOAT32_MAX:
+        raise ArgumentError(f"learning rate{where} must be a number from 0 to {_FLOAT32_MAX:.3g}, got {value!r}")
     return lr
 
 

@@ -25,15 +25,6 @@ from lib_anima.train import (
 DIM = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: threads only cost (and thrash badly when the cores are shared).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd1():
     return unets.sd1_unet(context_dim=DIM)
@@ -318,7 +309,7 @@ def test_huge_learning_rate_diverges_cleanly(sd1):
     assert bool(torch.isfinite(info.value.state.tokens).all())
 
 
-def test_non_finite_gradient_or_tokens_keep_the_state_before_the_step(sd1):
+def test_non_finite_gradient_or_tokens_keep_the_state_before_the_step(sd1, monkeypatch):
     init = torch.randn(16, 4, DIM, generator=torch.Generator().manual_seed(9)) * 0.1
 
     def nan_grad(x, t, c):
@@ -330,11 +321,28 @@ def test_non_finite_gradient_or_tokens_keep_the_state_before_the_step(sd1):
         train_context(nan_grad, sd1, examples(), TrainConfig(steps=3, seed=0, init=init), sd_schedule())
     assert info.value.step == 1 and info.value.state.step == 0 and torch.equal(info.value.state.tokens, init)
 
-    # an update beyond float32's range: the optimizer step itself is undone
+    # an optimizer step that leaves the tokens non-finite is undone: tokens and moments as after the step before
+    config = TrainConfig(steps=3, lr=0.05, seed=0, init=init)
+    clean = train_context(sd1_apply(sd1), sd1, examples(), TrainConfig(steps=1, lr=0.05, seed=0, init=init), sd_schedule())
+    adamw_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        out = adamw_step(self, *args, **kwargs)
+        if float(self.state[self.param_groups[0]["params"][0]]["step"]) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][3, 1, 5] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     with pytest.raises(TrainingDiverged, match="tokens are not finite") as info:
-        train_context(sd1_apply(sd1), sd1, examples(), TrainConfig(steps=3, lr=1e39, seed=0, init=init), sd_schedule())
-    assert info.value.state.step == 0 and torch.equal(info.value.state.tokens, init)
-    assert not info.value.state.optimizer["state"]  # AdamW had not stepped before
+        train_context(sd1_apply(sd1), sd1, examples(), config, sd_schedule())
+    state = info.value.state
+    assert info.value.step == 2 and state.step == 1
+    assert torch.equal(state.tokens, clean.state.tokens)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(state.optimizer["state"][0][key], clean.state.optimizer["state"][0][key])
+    with pytest.raises(ArgumentError, match="learning rate"):
+        train_context(sd1_apply(sd1), sd1, examples(), TrainConfig(lr=1e39), sd_schedule())
 
 
 # ---- the model is left as it was ---------------------------------------------------------------------------------

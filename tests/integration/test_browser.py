@@ -37,9 +37,17 @@ def test_card_click_inserts_prompt(page, ctx):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Anima").first.click()
     card = page.locator(f'#txt2img_anima_cards .card[data-name="{ctx["name"]}"]')
     card.wait_for(state="visible")
-    card.click()
+    expected = f"<anima:{ctx['name']}:1>"
+    for _ in range(3):  # the page's card handlers may still be initialising right after load
+        card.click()
+        try:
+            page.wait_for_function("t => document.querySelector('#txt2img_prompt textarea').value.includes(t)",
+                                   arg=expected, timeout=5_000)
+            break
+        except Exception:  # noqa: BLE001 - retried, then asserted below
+            page.wait_for_timeout(1_000)
     prompt = page.locator("#txt2img_prompt textarea").input_value()
-    assert f"<anima:{ctx['name']}:1>" in prompt
+    assert expected in prompt
 
 
 def test_panel_is_shown_in_txt2img(page):

@@ -44,10 +44,7 @@ class Activation:
     def __post_init__(self) -> None:
         self.scale = check_scale(self.scale)
         self.mode = check_mode(self.mode)
-        self.start = _check_fraction(self.start, "start")
-        self.end = _check_fraction(self.end, "end")
-        if self.start >= self.end:
-            raise ArgumentError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        self.start, self.end = check_window(self.start, self.end)
 
     def active_at(self, progress: float) -> bool:
         return self.start <= progress and (progress < self.end or self.end >= 1.0)
@@ -56,6 +53,14 @@ class Activation:
         if self.weights is None and self.context.site_weights is not None:
             return [float(w) for w in self.context.site_weights]
         return parse_weights(self.weights, sites)
+
+
+def check_window(start: object, end: object) -> tuple[float, float]:
+    """Start and end as fractions of the sampling steps, each in [0, 1], start before end."""
+    first, last = _check_fraction(start, "start"), _check_fraction(end, "end")
+    if first >= last:
+        raise ArgumentError(f"start ({first:g}) must be before end ({last:g})")
+    return first, last
 
 
 def _check_fraction(value: object, what: str) -> float:

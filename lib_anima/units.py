@@ -11,7 +11,7 @@ from typing import Any
 
 from lib_anima.context import check_mode, check_scale
 from lib_anima.errors import ArgumentError
-from lib_anima.inject import _check_fraction
+from lib_anima.inject import check_window
 from lib_anima.names import check_name
 
 UNIT_FIELDS = ("name", "scale", "mode", "start", "end", "weights")
@@ -33,10 +33,7 @@ class ContextUnit:
         self.name = check_name(self.name)
         self.scale = check_scale(self.scale)
         self.mode = check_mode(self.mode)
-        self.start = _check_fraction(self.start, "start")
-        self.end = _check_fraction(self.end, "end")
-        if self.start >= self.end:
-            raise ArgumentError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        self.start, self.end = check_window(self.start, self.end)
         self.weights = _weights_text(self.weights)
 
     def as_dict(self) -> dict[str, Any]:

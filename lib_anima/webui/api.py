@@ -43,19 +43,6 @@ class CreateRequest(BaseModel):
     overwrite: bool = False
 
 
-class TrainBody(BaseModel):
-    name: str
-    images: list[str]
-    prompt: str = ""
-    steps: int = 300
-    learning_rate: float = 5e-3
-    n_tokens: int = 4
-    resolution: int = 0
-    flip: bool = True
-    seed: int = 0
-    overwrite: bool = False
-
-
 class Status(BaseModel):
     version: str
     hooks_installed: int
@@ -78,7 +65,7 @@ def _listing() -> ContextList:
     )
 
 
-def _auth_dependencies() -> list:
+def auth_dependencies() -> list:
     """The host's --api-auth rule for our routes too: HTTP basic auth against its user:password list."""
     from modules import shared
 
@@ -97,7 +84,7 @@ def _auth_dependencies() -> list:
 
 
 def add_routes(app: FastAPI) -> None:
-    dependencies = _auth_dependencies()
+    dependencies = auth_dependencies()
 
     def add_route(path: str, endpoint, **kwargs) -> None:
         app.add_api_route(path, endpoint, dependencies=dependencies, **kwargs)
@@ -124,17 +111,6 @@ def add_routes(app: FastAPI) -> None:
             raise HTTPException(status_code=409 if "already exists" in str(e) else 400, detail=str(e)) from None
         return _summary(context.name)
 
-    def train(body: TrainBody) -> dict:
-        from lib_anima.webui import training
-
-        try:
-            images = [training.decode_image(data) for data in body.images]
-            fields = body.dict()
-            fields["images"] = images
-            return training.train(training.TrainRequest(**fields))
-        except AnimaError as e:
-            raise HTTPException(status_code=409 if "already exists" in str(e) else 400, detail=str(e)) from None
-
     def status() -> Status:
         from modules import shared
 
@@ -144,7 +120,9 @@ def add_routes(app: FastAPI) -> None:
 
     add_route(f"{PREFIX}/contexts", list_contexts, methods=["GET"], response_model=ContextList)
     add_route(f"{PREFIX}/contexts", create, methods=["POST"], response_model=ContextSummary)
-    add_route(f"{PREFIX}/train", train, methods=["POST"])
+    from lib_anima.webui import api_train
+
+    api_train.add_routes(add_route)
     add_route(f"{PREFIX}/refresh", refresh_contexts, methods=["POST"], response_model=ContextList)
     add_route(f"{PREFIX}/contexts/{{name}}", get_context, methods=["GET"], response_model=ContextSummary)
     add_route(f"{PREFIX}/status", status, methods=["GET"], response_model=Status)

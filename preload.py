@@ -8,3 +8,8 @@ def preload(parser: argparse.ArgumentParser) -> None:
         "--anima-dir", type=str, default=None,
         help="folder of anima reference contexts (default: models/anima under the WebUI data dir)",
     )
+    parser.add_argument(
+        "--anima-dataset-roots", type=str, default=None,
+        help="folders (separated by the OS path separator) inside which training dataset directories are allowed "
+             "(default: the WebUI data dir)",
+    )

@@ -27,6 +27,7 @@ class RunState:
     def __init__(self) -> None:
         self.panel: list[ContextUnit] = []
         self.prompt: list[ContextUnit] = []
+        self.in_memory: list[Activation] = []  # contexts not in the library (training previews)
         self.session: InjectionSession | None = None
         self.tracker = RowTracker()
         self.sampling = False
@@ -68,9 +69,9 @@ class RunState:
         self.uninstall()
         unet = store.current_unet()
         units = self.units()
-        if unet is None or not units:
+        if unet is None or not (units or self.in_memory):
             return
-        activations, applied = [], []
+        activations, applied = list(self.in_memory), []
         for unit in units:
             activation = self._activation(p, unit, unet)
             if activation is not None:
@@ -132,6 +133,11 @@ def set_prompt_units(p, units: list[ContextUnit]) -> None:
     run.prompt = units
     if run.sampling:  # hires pass: its own prompt's contexts replace the first pass's
         run.install(p)
+
+
+def add_in_memory(p, activation: Activation) -> None:
+    """Apply a context that is not in the library (a training preview) during `p`'s sampling."""
+    run_state(p).in_memory.append(activation)
 
 
 def on_cfg_denoiser(params) -> None:

@@ -40,12 +40,31 @@ class ContextUnit:
         return asdict(self)
 
 
+MAX_WEIGHTS_TEXT = 4000  # 70 SDXL sites at ~10 characters each, with room to spare
+
+
 def _weights_text(value: object) -> str:
+    """Weights as text: "" , a preset name or "w1,w2,..."; the count is checked against the model at generation."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
-        return ",".join(f"{float(v):g}" for v in value)
-    return str(value).strip()
+        try:
+            numbers = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ArgumentError(f"site weights must be numbers, got {_short(value)}") from None
+        value = ",".join(f"{v:g}" for v in numbers)
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ArgumentError(f"site weights must be a preset name or a list of numbers, got {_short(value)}")
+    text = str(value).strip()
+    if len(text) > MAX_WEIGHTS_TEXT:
+        raise ArgumentError(f"site weights are {len(text)} characters long; at most {MAX_WEIGHTS_TEXT}")
+    return text
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a user value, cut short: an error message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def unit_from_prompt_items(positional: list[str], named: dict[str, str], default_scale: float = 1.0) -> ContextUnit:
@@ -54,7 +73,8 @@ def unit_from_prompt_items(positional: list[str], named: dict[str, str], default
         raise ArgumentError("<anima:...> needs a context name, e.g. <anima:my_style:0.8>")
     unknown = sorted(set(named) - {"scale", "mode", "start", "end", "preset", "weights"})
     if unknown:
-        raise ArgumentError(f"<anima:{positional[0]}>: unknown argument(s) {', '.join(unknown)}")
+        raise ArgumentError(f"<anima:{positional[0]}>: unknown argument(s) {', '.join(map(_short, unknown))}; "
+                            "known: scale, mode, start, end, preset, weights")
     if len(positional) > 3:
         raise ArgumentError(f"<anima:{positional[0]}>: too many positional arguments (name, scale, mode)")
     scale = named.get("scale", positional[1] if len(positional) > 1 else default_scale)
@@ -72,18 +92,24 @@ def unit_from_prompt_items(positional: list[str], named: dict[str, str], default
 
 MAX_PANEL_UNITS = 3
 PANEL_ARGS_PER_UNIT = len(UNIT_FIELDS)
+PANEL_ARGS = 1 + MAX_PANEL_UNITS * PANEL_ARGS_PER_UNIT  # what the host passes to the script (it cuts the rest)
+MAX_UNITS = 16  # contexts in one generation: more is a mistake (or an attack), not a picture
 
 
 def _unit_from_dict(d: dict[str, Any], where: str) -> ContextUnit:
     unknown = sorted(set(d) - set(UNIT_FIELDS) - {"preset", "enabled"})
     if unknown:
-        raise ArgumentError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(UNIT_FIELDS)}")
+        raise ArgumentError(f"{where}: unknown field(s) {', '.join(map(_short, unknown))}; "
+                            f"known: {', '.join(UNIT_FIELDS)}, preset, enabled")
     fields = {k: v for k, v in d.items() if k in UNIT_FIELDS}
     if "preset" in d and "weights" not in d:
         fields["weights"] = d["preset"]
     if "name" not in fields:
         raise ArgumentError(f"{where}: 'name' is required")
-    return ContextUnit(**fields)
+    try:
+        return ContextUnit(**fields)
+    except ArgumentError as e:
+        raise ArgumentError(f"{where}: {e}") from None
 
 
 def units_from_script_args(args: tuple | list) -> list[ContextUnit]:
@@ -92,13 +118,15 @@ def units_from_script_args(args: tuple | list) -> list[ContextUnit]:
     Positional: ``[enabled, name, scale, mode, start, end, weights, name, ...]`` (the panel's order).
     Named: ``[{"enabled": true, "units": [{"name": ..., "scale": ..., ...}, ...]}]`` or ``[{"name": ...}, ...]``.
     """
+    if not isinstance(args, (list, tuple)):
+        raise ArgumentError(f"anima args must be a list, got {_short(args)}")
     args = list(args)
     if not args:
         return []
     if isinstance(args[0], dict):
         return _units_from_dicts(args)
     enabled, rest = args[0], args[1:]
-    if not _truthy(enabled):
+    if not _truthy(enabled, "enabled (the first of the anima args)"):
         return []
     units = []
     for i in range(0, len(rest), PANEL_ARGS_PER_UNIT):
@@ -106,8 +134,11 @@ def units_from_script_args(args: tuple | list) -> list[ContextUnit]:
         if not values or values[0] in (None, "", "None"):
             continue
         fields = dict(zip(UNIT_FIELDS, values, strict=False))
-        units.append(ContextUnit(**{k: v for k, v in fields.items() if v is not None}))
-    return units
+        try:
+            units.append(ContextUnit(**{k: v for k, v in fields.items() if v is not None}))
+        except ArgumentError as e:
+            raise ArgumentError(f"anima unit {i // PANEL_ARGS_PER_UNIT + 1}: {e}") from None
+    return _check_count(units)
 
 
 def _units_from_dicts(args: list) -> list[ContextUnit]:
@@ -115,24 +146,40 @@ def _units_from_dicts(args: list) -> list[ContextUnit]:
     if "units" in first or "contexts" in first:
         unknown = sorted(set(first) - {"enabled", "units", "contexts"})
         if unknown:
-            raise ArgumentError(f"anima args: unknown field(s) {', '.join(unknown)}; known: enabled, units")
-        if not _truthy(first.get("enabled", True)):
+            raise ArgumentError(f"anima args: unknown field(s) {', '.join(map(_short, unknown))}; known: enabled, units")
+        if not _truthy(first.get("enabled", True), "enabled"):
             return []
         items = first.get("units", first.get("contexts")) or []
     else:
         items = args
     if not isinstance(items, list):
-        raise ArgumentError("anima args: 'units' must be a list of objects")
+        raise ArgumentError(f"anima args: 'units' must be a list of objects, got {_short(items)}")
+    if len(items) > MAX_UNITS:
+        raise ArgumentError(f"anima args: {len(items)} units; at most {MAX_UNITS} contexts per generation")
     units = []
     for n, item in enumerate(items, start=1):
         if not isinstance(item, dict):
-            raise ArgumentError(f"anima unit {n}: expected an object with name, scale, mode, ...; got {item!r}")
-        if _truthy(item.get("enabled", True)):
+            raise ArgumentError(f"anima unit {n}: expected an object with name, scale, mode, ...; got {_short(item)}")
+        if _truthy(item.get("enabled", True), f"anima unit {n}: enabled"):
             units.append(_unit_from_dict(item, f"anima unit {n}"))
+    return _check_count(units)
+
+
+def _check_count(units: list[ContextUnit]) -> list[ContextUnit]:
+    if len(units) > MAX_UNITS:
+        raise ArgumentError(f"{len(units)} anima contexts; at most {MAX_UNITS} per generation")
     return units
 
 
-def _truthy(value: object) -> bool:
+def _truthy(value: object, what: str = "enabled") -> bool:
+    """A switch: bool, number or "true"/"false"-like text; anything else (an object, a list) is an error."""
     if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("", "0", "false", "no", "off", "none"):
+            return False
+        raise ArgumentError(f"{what} must be true or false, got {_short(value)}")
+    if value is None or isinstance(value, (bool, int, float)):
+        return bool(value)
+    raise ArgumentError(f"{what} must be true or false, got {_short(value)}")

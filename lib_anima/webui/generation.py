@@ -31,6 +31,7 @@ class RunState:
         self.session: InjectionSession | None = None
         self.tracker = RowTracker()
         self.sampling = False
+        self.p = None  # the processing object while it samples
         self.warned: set[str] = set()
 
     def units(self) -> list[ContextUnit]:
@@ -48,6 +49,7 @@ class RunState:
 
     def start(self, p) -> None:
         global _active_run
+        self.p = p
         self.sampling = True
         _active_run = self
         self.install(p)
@@ -55,6 +57,7 @@ class RunState:
     def stop(self) -> None:
         global _active_run
         self.sampling = False
+        self.p = None
         self.uninstall()
         if _active_run is self:
             _active_run = None
@@ -119,8 +122,8 @@ def _wrap_sample(p, run: RunState) -> None:
     original = p.sample
 
     def sample(*args, **kwargs):
-        run.start(p)
         try:
+            run.start(p)  # inside the try: a failure half-way through installing still ends in stop()
             return original(*args, **kwargs)
         finally:
             run.stop()
@@ -141,10 +144,14 @@ def add_in_memory(p, activation: Activation) -> None:
 
 
 def on_cfg_denoiser(params) -> None:
-    run = _active_run
+    # The run of the processing object being sampled: state lives on `p`, so two requests never share it.
+    p = getattr(params.denoiser, "p", None)
+    run = getattr(p, "_anima_run", None)
+    if not isinstance(run, RunState) or not run.sampling:
+        run = _active_run  # a denoiser without `p` (other samplers' wrappers): the one run that is sampling
     if run is None:
         return
-    run.on_step(getattr(params.denoiser, "p", None), params)
+    run.on_step(run.p, params)
 
 
 def hooks_installed() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from modules import extra_networks, shared
 
 from lib_anima.errors import AnimaError
-from lib_anima.units import unit_from_prompt_items
+from lib_anima.units import MAX_UNITS, unit_from_prompt_items
 from lib_anima.webui import generation, store
 
 
@@ -20,6 +20,9 @@ class ExtraNetworkAnima(extra_networks.ExtraNetwork):
         units = []
         library = store.library()
         default_scale = float(getattr(shared.opts, "anima_default_scale", 1.0))
+        if len(params_list) > MAX_UNITS:
+            run.warn(p, f"{len(params_list)} <anima:...> tags; only the first {MAX_UNITS} are used")
+            params_list = params_list[:MAX_UNITS]
         for params in params_list:
             try:
                 unit = unit_from_prompt_items(list(params.positional), dict(params.named), default_scale)
@@ -30,8 +33,13 @@ class ExtraNetworkAnima(extra_networks.ExtraNetwork):
                 unit.name = library.find(unit.name) or unit.name
                 units.append(unit)
             except AnimaError as e:
-                run.warn(p, f"<anima:{':'.join(map(str, params.items))}> ignored: {e}")
+                run.warn(p, f"<anima:{_shown(params.items)}> ignored: {e}")
         generation.set_prompt_units(p, units)
 
     def deactivate(self, p) -> None:
         pass
+
+
+def _shown(items: list, limit: int = 120) -> str:
+    text = ":".join(map(str, items))
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -8,6 +8,7 @@ from modules.ui_components import InputAccordion
 
 from lib_anima import infotext
 from lib_anima.context import MODES, SCALE_MAX, SCALE_MIN
+from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
 from lib_anima.units import MAX_PANEL_UNITS, UNIT_FIELDS, units_from_script_args
 from lib_anima.webui import generation, store
@@ -68,10 +69,15 @@ class AnimaScript(scripts.Script):
                 if index >= len(entries):
                     return gr.update(value=defaults[field]) if field == "name" else gr.update()
                 value = entries[index].get(field, defaults[field])
+                if field == "mode" and value not in MODES:
+                    return gr.update()
                 if field == "weights":
                     value = str(value).replace(" ", ",")
                 elif field in ("scale", "start", "end"):
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except ValueError:  # a hand-edited infotext (also the API's "infotext" field): keep the panel
+                        return gr.update()
                 return value
             return get
 
@@ -79,7 +85,13 @@ class AnimaScript(scripts.Script):
             self.infotext_fields.append((component, getter(field)))
 
     def process(self, p, *args):
-        units = units_from_script_args(args)
+        try:
+            units = units_from_script_args(args)
+        except AnimaError as e:
+            # The host would only log an exception raised here; a warning reaches the user (UI and infotext).
+            # API requests with bad args are refused with 422 before this point (see api.guard_generation_routes).
+            generation.run_state(p).warn(p, f"panel/API arguments ignored: {e}")
+            return
         if not units and getattr(p, "_anima_run", None) is None:
             return  # disabled: leave p exactly as the host made it
         generation.run_state(p).panel = units

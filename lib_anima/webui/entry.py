@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modules import extra_networks, script_callbacks, ui_extra_networks
 
-from lib_anima.webui import api, generation, settings
+from lib_anima.webui import api, generation, settings, ui_train
 from lib_anima.webui.network import ExtraNetworkAnima
 from lib_anima.webui.page import ExtraNetworksPageAnima
 
@@ -23,3 +23,6 @@ def register() -> None:
     script_callbacks.on_cfg_denoiser(generation.on_cfg_denoiser, name="anima")
     script_callbacks.on_ui_settings(settings.on_ui_settings, name="anima")
     script_callbacks.on_app_started(_app_started, name="anima")
+    script_callbacks.on_after_component(ui_train.on_after_component, name="anima")
+    script_callbacks.on_ui_train_tabs(ui_train.on_ui_train_tabs, name="anima")
+    script_callbacks.on_ui_tabs(ui_train.on_ui_tabs, name="anima")

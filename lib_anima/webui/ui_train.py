@@ -1,0 +1,230 @@
+"""The Train UI: a sub-tab of the host's Train tab and the extension's own "Anima" tab (train + contexts list).
+
+Both run :func:`lib_anima.webui.training.run` through the host's ``wrap_gradio_gpu_call`` (queue lock, progress
+bar, Interrupt), exactly what the HTTP API runs. "Send to Anima" buttons sit beside the txt2img/img2img gallery
+buttons and under the PNG Info image; they fill the Anima tab's reference image and, from the image's infotext,
+its training prompt.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+from modules import call_queue, shared
+from modules.ui_components import FormRow, ToolButton
+
+from lib_anima.errors import AnimaError
+from lib_anima.layout import PRESETS
+from lib_anima.webui import store, training
+
+SOURCES = {  # host component after which a "send to Anima" button is created → the image it sends
+    "txt2img_send_to_extras": "txt2img_gallery",
+    "img2img_send_to_extras": "img2img_gallery",
+    "pnginfo_image": "pnginfo_image",
+}
+_host_components: dict[str, gr.components.Component] = {}
+_send_buttons: dict[str, gr.Button] = {}
+
+
+def on_after_component(component, **kwargs) -> None:
+    """Remember the host's galleries and put a send button beside the gallery buttons / under PNG Info's image."""
+    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    if not elem_id:
+        return
+    if elem_id in SOURCES.values():
+        _host_components[elem_id] = component
+    if elem_id in SOURCES:
+        source = SOURCES[elem_id]
+        if elem_id == "pnginfo_image":
+            _send_buttons[source] = gr.Button("Send to Anima", elem_id="anima_send_from_pnginfo", size="sm")
+        else:
+            tab = source.split("_")[0]
+            _send_buttons[source] = ToolButton("🅰️", elem_id=f"anima_send_from_{tab}",
+                                               tooltip="Send this image to the Anima tab to train a context from it.")
+
+
+def _templates() -> list[str]:
+    from modules.textual_inversion import textual_inversion
+
+    return sorted(textual_inversion.list_textual_inversion_templates())
+
+
+def _image_and_mask(value) -> tuple:
+    """The sketch image's value → (image, drawn mask or None). Nothing drawn means no mask."""
+    if value is None:
+        return None, None
+    if isinstance(value, dict):
+        image, mask = value.get("image"), value.get("mask")
+        if mask is not None and mask.convert("L").getextrema()[1] == 0:
+            mask = None
+        return image, mask
+    return value, None
+
+
+def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, template, name_text, use_alpha, init_text,
+           n_tokens, weights, steps, learning_rate, batch_size, grad_accumulation, resolution, flip, seed,
+           save_every, preview_every, preview_prompt, resume, overwrite):
+    """The Train button (runs under wrap_gradio_gpu_call: queue lock, shared.state begun)."""
+    image, drawn = _image_and_mask(image_value)
+    mask = mask_upload if mask_upload is not None else drawn
+    try:
+        request = training.TrainRequest(
+            name=(name or "").strip(), images=[image] if image is not None and not dataset_dir.strip() else [],
+            masks=[mask] if mask is not None and image is not None and not dataset_dir.strip() else [],
+            dataset_dir=dataset_dir or "", template=template or "", name_text=name_text or "",
+            prompt=prompt or (training.prompt_from_infotext(image) if image is not None else ""),
+            use_alpha=bool(use_alpha), init_text=init_text or "", n_tokens=int(n_tokens),
+            weights="" if weights == "all" else weights, steps=int(steps), learning_rate=str(learning_rate),
+            batch_size=int(batch_size), grad_accumulation=int(grad_accumulation), resolution=int(resolution),
+            flip=bool(flip), seed=int(seed), save_every=int(save_every), preview_every=int(preview_every),
+            preview_prompt=preview_prompt or "", resume=bool(resume), overwrite=bool(overwrite),
+        )
+        progress = training.Progress()
+        with training.exclusive():
+            progress.started = True
+            summary = training.run(request, progress)
+    except AnimaError as e:
+        return None, f"<p class='anima-error'>Training failed: {html.escape(str(e))}</p>"
+    state = "interrupted (state saved: tick Resume to continue)" if summary["interrupted"] else "finished"
+    text = (f"<p>Training {state} at step {summary['steps']}: context <b>{html.escape(summary['name'])}</b> "
+            f"saved (hash {summary['hash']}, last loss {summary['final_loss']}).<br>"
+            f"Log, previews and checkpoints: {html.escape(summary['log_directory'])}</p>")
+    return progress.preview, text
+
+
+def _prompt_of(image_value) -> str:
+    image, _ = _image_and_mask(image_value)
+    return training.prompt_from_infotext(image) if image is not None else gr.update()
+
+
+def _received(filedata):
+    """A gallery item or PNG Info image → (reference image, its infotext prompt)."""
+    from modules import infotext_utils
+
+    image = filedata if hasattr(filedata, "size") else infotext_utils.image_from_url_text(filedata)
+    if image is None:
+        return gr.update(), gr.update()
+    return image, training.prompt_from_infotext(image) or gr.update()
+
+
+def build_train(prefix: str) -> dict:
+    """The training form; `prefix` keeps element ids unique between the two places it is shown."""
+    c: dict = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(variant="panel"):
+            with FormRow():
+                c["name"] = gr.Textbox(label="Context name", elem_id=f"{prefix}_name")
+                c["overwrite"] = gr.Checkbox(label="Overwrite an existing context", value=False, elem_id=f"{prefix}_overwrite")
+                c["resume"] = gr.Checkbox(label="Resume the saved run of this name", value=False, elem_id=f"{prefix}_resume")
+            with gr.Tabs():
+                with gr.Tab("Reference image"):
+                    c["image"] = gr.Image(label="Reference (draw on it to mark what to learn; optional)", type="pil",
+                                          image_mode="RGBA", source="upload", tool="sketch", elem_id=f"{prefix}_image")
+                    c["mask"] = gr.Image(label="Mask upload (optional; white = learn)", type="pil", image_mode="L",
+                                         source="upload", elem_id=f"{prefix}_mask")
+                    c["prompt"] = gr.Textbox(label="Training prompt (filled from the image's infotext)", lines=2,
+                                             elem_id=f"{prefix}_prompt")
+                with gr.Tab("Dataset"):
+                    c["dataset_dir"] = gr.Textbox(label="Dataset directory (textual-inversion layout)",
+                                                  elem_id=f"{prefix}_dataset_dir")
+                    with FormRow():
+                        c["template"] = gr.Dropdown(label="Prompt template", choices=_templates(),
+                                                    value="subject_filewords.txt", elem_id=f"{prefix}_template")
+                        c["name_text"] = gr.Textbox(label="[name] becomes", elem_id=f"{prefix}_name_text")
+            with FormRow():
+                c["use_alpha"] = gr.Checkbox(label="Use PNG alpha channel as loss weight", value=False, elem_id=f"{prefix}_use_alpha")
+                c["flip"] = gr.Checkbox(label="Train on horizontal flips too", value=True, elem_id=f"{prefix}_flip")
+            with FormRow():
+                c["init_text"] = gr.Textbox(label="Initialization text (empty: small random)", elem_id=f"{prefix}_init_text")
+                c["n_tokens"] = gr.Number(label="Tokens per site", value=4, precision=0, elem_id=f"{prefix}_n_tokens")
+                c["weights"] = gr.Dropdown(label="Sites", choices=["all", *[p for p in PRESETS if p != "all"]],
+                                           value="all", elem_id=f"{prefix}_weights")
+            with FormRow():
+                c["steps"] = gr.Number(label="Steps", value=300, precision=0, elem_id=f"{prefix}_steps")
+                c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value="5e-3",
+                                                elem_id=f"{prefix}_learning_rate")
+                c["seed"] = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id=f"{prefix}_seed")
+            with FormRow():
+                c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=f"{prefix}_batch_size")
+                c["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
+                                                   elem_id=f"{prefix}_grad_accumulation")
+                c["resolution"] = gr.Number(label="Resolution (0: model's native)", value=0, precision=0,
+                                            elem_id=f"{prefix}_resolution")
+            with FormRow():
+                c["save_every"] = gr.Number(label="Save state every N steps (0: end only)", value=0, precision=0,
+                                            elem_id=f"{prefix}_save_every")
+                c["preview_every"] = gr.Number(label="Preview every N steps (0: none)", value=0, precision=0,
+                                               elem_id=f"{prefix}_preview_every")
+            c["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: the training prompt)", elem_id=f"{prefix}_preview_prompt")
+            with gr.Row():
+                c["train"] = gr.Button("Train context", variant="primary", elem_id=f"{prefix}_train")
+                c["interrupt"] = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt")
+        with gr.Column(elem_id=f"{prefix}_gallery_container"):
+            c["output"] = gr.HTML(elem_id=f"{prefix}_output")
+            gr.HTML(elem_id=f"{prefix}_progress")  # live step/loss/ETA text, written by the page's script
+            c["preview"] = gr.Image(label="Last preview", interactive=False, elem_id=f"{prefix}_preview")
+            c["id_task"] = gr.Textbox(visible=False, elem_id=f"{prefix}_id_task")
+    inputs = [c[k] for k in ("id_task", "name", "image", "mask", "prompt", "dataset_dir", "template", "name_text",
+                             "use_alpha", "init_text", "n_tokens", "weights", "steps", "learning_rate", "batch_size",
+                             "grad_accumulation", "resolution", "flip", "seed", "save_every", "preview_every",
+                             "preview_prompt", "resume", "overwrite")]
+    c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None]),
+                     _js=f"(...args) => animaStartTraining('{prefix}', args)",
+                     inputs=inputs, outputs=[c["preview"], c["output"]])
+    c["interrupt"].click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    c["image"].upload(fn=_prompt_of, inputs=[c["image"]], outputs=[c["prompt"]])
+    return c
+
+
+def _contexts_table() -> str:
+    library = store.library()
+    rows = []
+    for name in library.names():
+        try:
+            info = library.info(name)
+        except AnimaError as e:
+            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=5>{html.escape(str(e))}</td></tr>")
+            continue
+        record = info.training or {}
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            name, info.arch, info.n_sites, info.n_tokens, record.get("steps", ""), info.shorthash)) + "</tr>")
+    errors = "".join(f"<li>{html.escape(n)}: {html.escape(e)}</li>" for n, e in library.errors().items())
+    head = "<tr><th>name</th><th>model</th><th>sites</th><th>tokens</th><th>steps</th><th>hash</th></tr>"
+    folder = html.escape(library.directory)
+    return (f"<p>Folder: {folder}</p><table class='anima-table'>{head}{''.join(rows)}</table>"
+            + (f"<p>Unreadable files:</p><ul>{errors}</ul>" if errors else ""))
+
+
+def _refreshed_table() -> str:
+    store.library().refresh()
+    return _contexts_table()
+
+
+def on_ui_train_tabs(_params) -> None:
+    with gr.Tab("Anima context", elem_id="anima_train_tab"):
+        build_train("anima_train")
+
+
+def on_ui_tabs():
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Tabs(elem_id="anima_tabs"):
+            with gr.Tab("Train", elem_id="anima_tabs_train"):
+                form = build_train("anima_tab")
+            with gr.Tab("Contexts", elem_id="anima_tabs_contexts"):
+                refresh = gr.Button("Refresh", elem_id="anima_contexts_refresh")
+                table = gr.HTML(_contexts_table(), elem_id="anima_contexts_table")
+                refresh.click(fn=_refreshed_table, inputs=[], outputs=[table])
+        _bind_send_buttons(form)
+    return [(tab, "Anima", "anima")]
+
+
+def _bind_send_buttons(form: dict) -> None:
+    for source, button in _send_buttons.items():
+        component = _host_components.get(source)
+        if component is None:
+            continue
+        js = "extract_image_from_gallery" if source.endswith("gallery") else None
+        button.click(fn=_received, _js=js, inputs=[component], outputs=[form["image"], form["prompt"]]).then(
+            fn=None, _js="animaShowTab", inputs=[], outputs=[])
+

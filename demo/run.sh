@@ -12,7 +12,7 @@ VENV="${ANIMA_VENV:-$ROOT/.venv}"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 if [ -z "${WEBUI_URL:-}" ]; then
-    export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/.webui-host}"
+    export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/webui-host}"
     PORT="${ANIMA_DEMO_PORT:-7881}"
     bash "$SHARED_HOST/setup.sh" "$WEBUI_HOST_DIR"
     ln -sfn "$ROOT" "$WEBUI_HOST_DIR/extensions/sd-webui-anima"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of sd-webui-anima on a fresh machine: lint, core tests (real torch and the host's own ldm/sgm
 # modules) and integration tests against a real A1111 v1.10.1 (CPU, tiny random-weight checkpoints), HTTP and
-# browser. Installs what it needs: a venv (.venv), the offline host (../shared/host → .webui-host), test tools,
+# browser. Installs what it needs: a venv (.venv), the offline host (../shared/host → webui-host/; not a dot folder: the host's Gradio refuses /file= paths under one, and the page would load none of its scripts), test tools,
 # Debian's chromium. Extra arguments go to pytest, e.g. `bash tests/run.sh -k infotext`.
 #
 # Env: ANIMA_VENV (venv dir), WEBUI_HOST_DIR (host dir), ANIMA_PORT (default 7871), ANIMA_SHARED_HOST.
@@ -11,7 +11,7 @@ ROOT="$PWD"
 SHARED_HOST="${ANIMA_SHARED_HOST:-$ROOT/../shared/host}"
 VENV="${ANIMA_VENV:-$ROOT/.venv}"
 PORT="${ANIMA_PORT:-7871}"
-export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/.webui-host}"
+export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/webui-host}"
 EXT_LINK="$WEBUI_HOST_DIR/extensions/sd-webui-anima"
 log() { echo "[anima tests] $*"; }
 

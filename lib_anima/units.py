@@ -12,6 +12,7 @@ from typing import Any
 from lib_anima.context import check_mode, check_scale
 from lib_anima.errors import ArgumentError
 from lib_anima.inject import check_window
+from lib_anima.layout import PRESETS, parse_weights
 from lib_anima.names import check_name
 
 UNIT_FIELDS = ("name", "scale", "mode", "start", "end", "weights")
@@ -58,6 +59,9 @@ def _weights_text(value: object) -> str:
     text = str(value).strip()
     if len(text) > MAX_WEIGHTS_TEXT:
         raise ArgumentError(f"site weights are {len(text)} characters long; at most {MAX_WEIGHTS_TEXT}")
+    if text and text.lower() not in PRESETS:
+        # the format is checked here, for a clear error before generation; the count needs the model
+        parse_weights(text, [None] * len(text.replace(";", ",").split(",")))  # type: ignore[list-item]
     return text
 
 

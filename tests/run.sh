@@ -13,6 +13,7 @@ VENV="${ANIMA_VENV:-$ROOT/.venv}"
 PORT="${ANIMA_PORT:-7871}"
 export WEBUI_HOST_DIR="${WEBUI_HOST_DIR:-$ROOT/webui-host}"
 EXT_LINK="$WEBUI_HOST_DIR/extensions/sd-webui-anima"
+FAULT_LINK="$WEBUI_HOST_DIR/extensions/fault-injection-test"  # test-only script (tests/integration/test_faults.py)
 log() { echo "[anima tests] $*"; }
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -49,7 +50,7 @@ trap stop_host EXIT
 stop_host
 
 log "baseline images from the host WITHOUT the extension"
-rm -f "$EXT_LINK"
+rm -f "$EXT_LINK" "$FAULT_LINK"
 BASELINE="$(mktemp -d)"
 BASE_PORT=$((PORT + 1))
 start_host "$BASE_PORT"
@@ -58,6 +59,7 @@ stop_host
 
 log "host WITH the extension"
 ln -sfn "$ROOT" "$EXT_LINK"
+ln -sfn "$ROOT/tests/fixtures/anima_fault_ext" "$FAULT_LINK"
 start_host "$PORT"
 export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
 python -m pytest tests -q -rs --durations=15 "$@"

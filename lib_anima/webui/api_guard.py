@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lib_anima.errors import AnimaError
-from lib_anima.images import decode_base64, image_size
+from lib_anima.images import decode_base64, open_image
 from lib_anima.units import PANEL_ARGS, units_from_script_args
 
 log = logging.getLogger("anima")
@@ -38,7 +38,33 @@ def generation_problem(body: Any) -> str | None:
     uses = uses or any(isinstance(body.get(f), str) and "<anima:" in body[f] for f in PROMPT_FIELDS)
     if not uses:
         return None
+    where = lone_surrogate_path(body)
+    if where:  # JSON can carry "\ud800"; the host's tokenizer then fails with a 500
+        return f"{where} is not valid Unicode text (it contains a lone surrogate escape such as \\ud800)"
     return _images_problem(body)
+
+
+def lone_surrogate_path(value: Any, path: str = "body", depth: int = 0) -> str | None:
+    """Where in parsed JSON a string (or key) holds a lone UTF-16 surrogate, which no UTF-8 text can; or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_path(key, f"{path} key", depth + 1) or lone_surrogate_path(item, f"{path}.{key}", depth + 1)
+            if found:
+                return found.encode("utf-8", "backslashreplace").decode()
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_path(item, f"{path}[{index}]", depth + 1)
+            if found:
+                return found
+    return None
 
 
 def _script_args_problem(body: dict) -> tuple[bool, str | None]:
@@ -85,7 +111,8 @@ def _image_problem(data: Any, what: str) -> str | None:
     if data.startswith(("http://", "https://")):
         return None  # the host fetches URLs itself (if allowed)
     try:
-        image_size(decode_base64(data, what), what, formats=None)  # any format the host's decoder reads
+        # decoded completely (any format the host reads): a truncated file fails here, not as the host's 500
+        open_image(decode_base64(data, what), what, formats=None).close()
     except AnimaError as e:
         return str(e)
     return None

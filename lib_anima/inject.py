@@ -12,6 +12,11 @@ into its softmax. Several contexts add up. Mode ``positive`` adds only to the co
 Hooks are torch forward hooks on the ``attn2`` *instances* (the host replaces the class's forward), plus a
 pre-hook on the UNet that tells them which rows of each call are conditional. ``InjectionSession`` installs
 them in ``__enter__`` and always removes them in ``__exit__``.
+
+With only a few tokens the term is computed folded (:func:`fold_site`): per head ``h`` the attention logits are
+``x · (W_q,hᵀ k_hᵀ) · s`` and the output ``Σ_h A_h · (v_h W_out,hᵀ)``, so a site costs two thin products with
+``heads · n_tokens`` columns instead of ``to_q`` and ``W_out`` at full width (the same numbers up to rounding;
+:func:`decoupled_attention` is the direct form).
 """
 
 from __future__ import annotations
@@ -87,6 +92,53 @@ def decoupled_attention(attn: torch.nn.Module, x: torch.Tensor, k: torch.Tensor,
     out = out.transpose(1, 2).reshape(b, n, inner)
     weight = attn.to_out[0].weight
     return F.linear(out, weight.to(out.dtype))
+
+
+@dataclass
+class FoldedSite:
+    """One context's keys and values at one site, folded into the site's ``to_q`` and ``to_out`` weights."""
+
+    qk: torch.Tensor  # [C_in, heads · n]: per head, W_q,hᵀ k_hᵀ times the attention scale
+    qk_bias: torch.Tensor | None  # [heads · n]: to_q's bias against the keys (None: to_q has no bias)
+    vo: torch.Tensor  # [heads · n, C_out]: per head, v_h W_out,hᵀ times the strength (to_out's bias is not in it)
+    heads: int
+
+
+def fold_site(attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0) -> FoldedSite:
+    """Fold `tokens` (``[n, context_dim]``) and `strength` into the projections of site `attn`; autograd reaches
+    the tokens."""
+    w_q = attn.to_q.weight  # [inner, C_in]
+    inner, c_in = w_q.shape
+    heads = int(attn.heads)
+    d = inner // heads
+    t = tokens.to(w_q.device, w_q.dtype)
+    k = attn.to_k(t).view(-1, heads, d)  # [n, heads, d]
+    v = attn.to_v(t).view(-1, heads, d)
+    scale = float(getattr(attn, "scale", d**-0.5))
+    qk = torch.einsum("hdc,nhd->chn", w_q.view(heads, d, c_in), k).reshape(c_in, -1) * scale
+    bias = attn.to_q.bias
+    qk_bias = None if bias is None else torch.einsum("hd,nhd->hn", bias.view(heads, d), k).reshape(-1) * scale
+    w_out = attn.to_out[0].weight  # [C_out, inner]
+    vo = torch.einsum("nhd,ohd->hno", v, w_out.view(-1, heads, d)).reshape(-1, w_out.shape[0])
+    if strength != 1.0:
+        vo = vo * strength
+    return FoldedSite(qk, qk_bias, vo, heads)
+
+
+def folded_attention(x: torch.Tensor, folded: FoldedSite, add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``strength · W_out · Attn(to_q(x), k, v)`` from the folded form (softmax over each head's tokens, then one
+    product), added to `add_to` (same shape and dtype as the result) in the same product when given."""
+    logits = torch.matmul(x, folded.qk.to(x.dtype))  # [b, n_q, heads · n]
+    if folded.qk_bias is not None:
+        logits = logits + folded.qk_bias.to(x.dtype)
+    shape = logits.shape
+    probs = logits.view(*shape[:-1], folded.heads, -1).softmax(dim=-1)
+    vo = folded.vo.to(x.dtype)
+    if add_to is None or add_to.dtype != x.dtype:
+        out = torch.matmul(probs.view(shape), vo)
+        return out if add_to is None else add_to + out.to(add_to.dtype)
+    # one kernel for the product and the sum (the hook's step at every site and every call)
+    return torch.addmm(add_to.reshape(-1, vo.shape[1]), probs.view(-1, shape[-1]), vo).view(add_to.shape)
 
 
 # ---- which rows are conditional --------------------------------------------------------------------------------
@@ -167,24 +219,33 @@ def _rows(is_cond: torch.Tensor, device: torch.device) -> Rows:
 class _SiteEntry:
     activation: Activation
     strength: float  # scale · site weight
-    tokens: torch.Tensor  # [n_tokens, context_dim]
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    index: int  # the site's row in the context's tokens
+    folded: FoldedSite | None = None  # cached for tokens that do not train
+
+    @property
+    def tokens(self) -> torch.Tensor:  # [n_tokens, context_dim], taken at each use: trained tokens change
+        return self.activation.context.tokens[self.index]
 
 
 @dataclass
 class InjectionSession:
-    """Hooks `activations` into `unet` for the duration of a ``with`` block; always unhooks."""
+    """Hooks `activations` into `unet` for the duration of a ``with`` block; always unhooks.
+
+    A session can be entered again after it exits (training enters it around every UNet call); pass `sites`
+    (:func:`lib_anima.layout.find_sites` of `unet`) to skip looking them up again.
+    """
 
     unet: torch.nn.Module
     activations: list[Activation]
     tracker: RowTracker | AllConditional = field(default_factory=AllConditional)
-    sites: list[Site] = field(init=False)
+    sites: list[Site] | None = None
     _entries: list[list[_SiteEntry]] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
     _rows: Rows | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.sites = find_sites(self.unet)
+        if self.sites is None:
+            self.sites = find_sites(self.unet)
         names = [s.name for s in self.sites]
         self._entries = [[] for _ in self.sites]
         for act in self.activations:
@@ -192,7 +253,7 @@ class InjectionSession:
             for site, weight in zip(self.sites, act.site_weights(self.sites), strict=False):
                 strength = act.scale * weight
                 if strength != 0.0:
-                    self._entries[site.index].append(_SiteEntry(act, strength, act.context.tokens[site.index]))
+                    self._entries[site.index].append(_SiteEntry(act, strength, site.index))
 
     @property
     def installed(self) -> bool:
@@ -242,26 +303,24 @@ class InjectionSession:
                 index = rows.for_mode(entry.activation.mode)
                 if index is None or not entry.activation.active_at(progress):
                     continue
-                k, v = self._keys_values(module, entry)
-                part = x if len(index) == rows.batch else x.index_select(0, index)
-                delta = decoupled_attention(module, part, k, v) * entry.strength
+                folded = self._folded(module, entry)
                 if len(index) == rows.batch:
-                    output = output + delta.to(output.dtype)
+                    output = folded_attention(x, folded, add_to=output)
                 else:
+                    delta = folded_attention(x.index_select(0, index), folded)
                     output = output.index_add(0, index, delta.to(output.dtype))
             return output
 
         return hook
 
     @staticmethod
-    def _keys_values(module: torch.nn.Module, entry: _SiteEntry) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = module.to_k.weight
-        if entry.tokens.requires_grad:  # training: the tokens change every step
-            t = entry.tokens.to(weight.device, weight.dtype)
-            return module.to_k(t), module.to_v(t)
-        kv = entry.kv
-        if kv is None or kv[0].device != weight.device or kv[0].dtype != weight.dtype:
+    def _folded(module: torch.nn.Module, entry: _SiteEntry) -> FoldedSite:
+        tokens = entry.tokens
+        if tokens.requires_grad:  # training: the tokens change every step
+            return fold_site(module, tokens, entry.strength)
+        weight = module.to_q.weight
+        folded = entry.folded
+        if folded is None or folded.qk.device != weight.device or folded.qk.dtype != weight.dtype:
             with torch.no_grad():
-                t = entry.tokens.to(weight.device, weight.dtype)
-                kv = entry.kv = (module.to_k(t), module.to_v(t))
-        return kv
+                folded = entry.folded = fold_site(module, tokens, entry.strength)
+        return folded

@@ -486,6 +486,8 @@ def train_context(
     ]
     context = ReferenceContext(tokens=tokens, arch=arch, site_names=site_names)
     activation = Activation(context, scale=1.0, mode="positive", weights=weights)
+    # one session, entered around each UNet call only: callbacks between steps (previews) see a clean model
+    session = InjectionSession(unet_module, [activation], AllConditional(), sites=sites)
     t_lo = int(round(config.timestep_range[0] * schedule.num_timesteps))
     t_hi = max(t_lo + 1, int(round(config.timestep_range[1] * schedule.num_timesteps)))
     per_step = config.batch_size * config.grad_accumulation
@@ -493,7 +495,7 @@ def train_context(
     def snapshot() -> TrainState:
         return TrainState(
             tokens=tokens.detach().to("cpu").clone(), step=step, seed=seed,
-            optimizer=_cpu_copy(optimizer.state_dict()), losses=list(losses_all),
+            optimizer=_copy_state(optimizer.state_dict(), "cpu"), losses=list(losses_all),
             scaler=dict(scaler.state_dict()) if scaler.is_enabled() else None, site_layout=layout,
         )
 
@@ -550,7 +552,7 @@ def train_context(
                         torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype is not None
                         else contextlib.nullcontext()
                     )
-                    with InjectionSession(unet_module, [activation], AllConditional()), autocast:
+                    with session, autocast:
                         pred = unet_apply(x_t, t, cond)
                     if not isinstance(pred, torch.Tensor) or pred.shape != x0.shape:
                         raise ArgumentError(f"unet_apply returned {_describe(pred)} for an input of shape {list(x0.shape)}")
@@ -562,7 +564,7 @@ def train_context(
                     step_loss += value
             if not scaler.is_enabled() and tokens.grad is not None and not bool(torch.isfinite(tokens.grad).all()):
                 raise TrainingDiverged(_diverged_text(step + 1, "the gradient is not finite", lr), step + 1, snapshot())
-            before = (tokens.detach().clone(), copy.deepcopy(optimizer.state_dict()))  # on the device: cheap
+            before = (tokens.detach().clone(), _copy_state(optimizer.state_dict(), None))  # on the device: cheap
             scaler.step(optimizer)
             scaler.update()
             if not bool(torch.isfinite(tokens).all()):
@@ -594,11 +596,12 @@ def _weights_text(spec: str | list[float] | None) -> str:
     return spec if isinstance(spec, str) else ",".join(f"{w:g}" for w in spec)
 
 
-def _cpu_copy(obj: Any) -> Any:
+def _copy_state(obj: Any, device: str | None) -> Any:
+    """A copy of an optimizer state dict whose tensors are cloned (onto `device`, None: where they are)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu").clone()
+        return obj.detach().to(device).clone() if device is not None else obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
+        return {k: _copy_state(v, device) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_cpu_copy(v) for v in obj]
+        return [_copy_state(v, device) for v in obj]
     return copy.copy(obj)

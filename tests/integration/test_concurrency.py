@@ -6,6 +6,7 @@ generation requests sent while a training runs wait for it (the host's queue loc
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +34,19 @@ def _kinds(a: str, b: str, init: str) -> dict[str, Callable[[], object]]:
         "A and B": lambda: client.txt2img(f"a dog <anima:{a}:0.5>", seed=22,
                                           anima_args=[{"units": [{"name": b, "scale": 0.7, "weights": "coarse"}]}]).png_b64,
         "plain": lambda: client.txt2img(seed=21).png_b64,
-        "img2img A": lambda: client.img2img(init, f"a cat <anima:{a}:1>").png_b64,
+        # img2img's pixels depend on the host's global RNG state (ldm samples the VAE posterior with it), so on
+        # what ran before; its infotext says which contexts were applied
+        "img2img A": lambda: _anima_entries(client.img2img(init, f"a cat <anima:{a}:1>").infotext),
         "batch 2 B": lambda: client.txt2img(f"a cat <anima:{b}:1.5>", seed=23, batch_size=2).png_b64,
         "list contexts": lambda: sorted({a, b} & {c["name"] for c in client.get("/anima/v1/contexts").json()["contexts"]}),
         "refresh": lambda: client.post("/anima/v1/refresh").status_code,
     }
+
+
+def _anima_entries(infotext: str) -> list[str]:
+    """The names in the infotext's ``Anima N`` entries, in order (and a warning, if any)."""
+    found = [f"name: {m}" for m in re.findall(r'Anima \d+: "name: ([^,"]+)', infotext)]
+    return found + (["warnings"] if "Anima warnings" in infotext else [])
 
 
 def test_clients_with_different_contexts_do_not_mix(two):
@@ -45,6 +54,7 @@ def test_clients_with_different_contexts_do_not_mix(two):
     init = client.txt2img("a house", seed=5).png_b64[0]
     kinds = _kinds(a, b, init)
     expected = {kind: run() for kind, run in kinds.items()}  # each made alone
+    assert expected["img2img A"] == [f"name: {a}"]
     images = [expected[k] for k in ("prompt A", "panel B negative", "A and B", "plain")]
     assert len({img[0] for img in images}) == 4, "the contexts must change the images, or mixing would go unseen"
 

@@ -38,7 +38,7 @@ from lib_anima.create import MAX_TOKENS
 from lib_anima.errors import AnimaError, ArgumentError
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.inject import Activation
-from lib_anima.names import check_name
+from lib_anima.names import check_directory, check_name
 from lib_anima.train import (
     DiffusionSchedule,
     TrainConfig,
@@ -272,13 +272,10 @@ def allowed_dataset_roots() -> list[str]:
 
 def check_dataset_dir(path: str) -> str:
     """The dataset folder, resolved; refused outside the allowed roots (``--anima-dataset-roots``)."""
-    if "\x00" in path:
-        raise ArgumentError("the dataset directory contains a NUL character")
-    real = os.path.realpath(os.path.expanduser(path.strip()))
-    roots = allowed_dataset_roots()
-    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
-        raise ArgumentError(f"the dataset directory {path!r} is outside the allowed folders ({', '.join(roots)}); "
-                            "start the WebUI with --anima-dataset-roots to allow more")
+    try:
+        real = check_directory(path, allowed_dataset_roots(), what="dataset directory")
+    except ArgumentError as e:
+        raise ArgumentError(f"{e}; start the WebUI with --anima-dataset-roots to allow more") from None
     if not os.path.isdir(real):
         raise ArgumentError(f"the dataset directory {path!r} does not exist")
     return real

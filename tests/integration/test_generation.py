@@ -137,7 +137,7 @@ def test_hooks_present_during_sampling_and_gone_after(ctx):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=150)
+        txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=60)
     finally:
         done.set()
         poller.join()

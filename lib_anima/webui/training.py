@@ -275,6 +275,8 @@ def check_dataset_dir(path: str) -> str:
     try:
         real = check_directory(path, allowed_dataset_roots(), what="dataset directory")
     except ArgumentError as e:
+        if "outside" not in str(e):
+            raise
         raise ArgumentError(f"{e}; start the WebUI with --anima-dataset-roots to allow more") from None
     if not os.path.isdir(real):
         raise ArgumentError(f"the dataset directory {path!r} does not exist")

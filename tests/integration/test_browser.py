@@ -90,3 +90,37 @@ def test_paste_infotext_restores_panel(page, ctx):
     scale_value = page.locator("#anima_txt2img_scale_0 input[type=number]").input_value()
     mode_checked = page.locator("#anima_txt2img_mode_0 input[value=negative]").is_checked()
     assert (name_value, float(scale_value), mode_checked) == (ctx["name"], 0.65, True)
+
+
+# ---- the Train form: send a txt2img result to the Anima tab, train from it -------------------------------------
+
+TRAINED = "itest_ui_trained"
+
+
+def _fill(page, selector: str, value: str) -> None:
+    box = page.locator(selector)
+    box.fill(value)
+    box.dispatch_event("input")
+
+
+def test_send_to_anima_then_train(page):
+    # a txt2img result, made in the browser as a user would
+    _fill(page, "#txt2img_prompt textarea", "a lighthouse at dusk")
+    for elem, value in (("txt2img_steps", "2"), ("txt2img_width", "64"), ("txt2img_height", "64")):
+        _fill(page, f"#{elem} input[type=number]", value)
+    page.locator("#txt2img_generate").click()
+    page.locator("#txt2img_gallery img").first.wait_for(state="visible", timeout=300_000)
+    page.locator("#anima_send_from_txt2img").click()
+    # the Anima tab shows the image and the prompt it was made with
+    page.locator("#anima_tab_image img").first.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#anima_tab_prompt textarea').value.includes('lighthouse')")
+    _fill(page, "#anima_tab_name textarea", TRAINED)
+    _fill(page, "#anima_tab_steps input[type=number]", "3")
+    _fill(page, "#anima_tab_resolution input[type=number]", "64")
+    page.locator("#anima_tab_overwrite input").check()
+    page.locator("#anima_tab_train").click()
+    page.wait_for_function("document.querySelector('#anima_tab_output').innerText.includes('finished')",
+                           timeout=600_000)
+    info = client.get(f"/anima/v1/contexts/{TRAINED}").json()
+    assert info["training"]["steps"] == 3 and info["training"]["prompt"].startswith("a lighthouse at dusk")
+    assert client.status()["hooks_installed"] == 0

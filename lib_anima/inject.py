@@ -151,9 +151,14 @@ class Rows:
     cond: torch.Tensor | None
     uncond: torch.Tensor | None
     batch: int
+    cond_span: slice | None = None  # the same rows as a slice when they are consecutive (the host's layout)
+    uncond_span: slice | None = None
 
     def for_mode(self, mode: str) -> torch.Tensor | None:
         return self.cond if mode == "positive" else self.uncond
+
+    def span_for_mode(self, mode: str) -> slice | None:
+        return self.cond_span if mode == "positive" else self.uncond_span
 
 
 class RowTracker:
@@ -195,7 +200,9 @@ class AllConditional:
     unknown_calls = 0
 
     def take(self, batch: int, device: torch.device) -> Rows:
-        return Rows(None if batch == 0 else _all(batch, device), None, batch)
+        if batch == 0:
+            return Rows(None, None, 0)
+        return Rows(_all(batch, device), None, batch, cond_span=slice(0, batch))
 
 
 def _all(batch: int, device: torch.device) -> torch.Tensor:
@@ -209,7 +216,17 @@ def _rows(is_cond: torch.Tensor, device: torch.device) -> Rows:
         cond.to(device) if len(cond) else None,
         uncond.to(device) if len(uncond) else None,
         int(is_cond.shape[0]),
+        _span(cond),
+        _span(uncond),
     )
+
+
+def _span(index: torch.Tensor) -> slice | None:
+    """`index` (CPU, ascending) as a slice when its rows are consecutive."""
+    if not len(index):
+        return None
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == len(index) else None
 
 
 # ---- the session -------------------------------------------------------------------------------------------
@@ -304,11 +321,15 @@ class InjectionSession:
                 if index is None or not entry.activation.active_at(progress):
                     continue
                 folded = self._folded(module, entry)
+                span = rows.span_for_mode(entry.activation.mode)
                 if len(index) == rows.batch:
                     output = folded_attention(x, folded, add_to=output)
-                else:
-                    delta = folded_attention(x.index_select(0, index), folded)
-                    output = output.index_add(0, index, delta.to(output.dtype))
+                elif span is not None:  # views, one product-and-sum, one copy: the other rows stay bit-exact
+                    part = folded_attention(x[span], folded, add_to=output[span])
+                    output = torch.cat([output[: span.start], part, output[span.stop :]])
+                else:  # the same arithmetic on gathered rows
+                    part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index))
+                    output = output.index_copy(0, index, part.to(output.dtype))
             return output
 
         return hook

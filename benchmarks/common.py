@@ -51,15 +51,21 @@ def command_line() -> str:
 
 
 def commit() -> dict[str, Any]:
+    """The checkout measured: HEAD and the tracked files changed since (take it when the run starts)."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "HEAD") or None, "subject": git("log", "-1", "--format=%s"),
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "subject": git("log", "-1", "--format=%s").strip(),
             "modified_files": changed}
+
+
+def begin() -> dict[str, Any]:
+    """When and on which checkout a run starts (the hosts load the code at their start, so that is what counts)."""
+    return {"time": time.time(), "git": commit()}
 
 
 def machine() -> dict[str, Any]:
@@ -88,14 +94,14 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def write_record(name: str, results: dict[str, Any], started: float, figure: Any = None) -> tuple[str, str | None]:
+def write_record(name: str, results: dict[str, Any], started: dict[str, Any], figure: Any = None) -> tuple[str, str | None]:
     """Write results/<name>/latest.json (and latest.png from a matplotlib figure); returns their paths."""
     folder = os.path.join(RESULTS, name)
     os.makedirs(folder, exist_ok=True)
     record = {
         "benchmark": name, "command": command_line(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(time.time() - started, 1), "machine": machine(), "git": commit(), **results,
+        "duration_s": round(time.time() - started["time"], 1), "machine": machine(), "git": started["git"], **results,
     }
     json_path = os.path.join(folder, "latest.json")
     _atomic_write(json_path, (json.dumps(record, indent=1, default=_plain) + "\n").encode())

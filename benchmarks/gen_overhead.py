@@ -77,7 +77,7 @@ def main() -> None:
     args = parse_args()
     if args.steps_hi <= args.steps_lo:
         raise SystemExit("--steps-hi must be greater than --steps-lo")
-    started = time.time()
+    started = common.begin()
     port = args.port or common.free_port()
     base_port = common.free_port(port + 1) if not args.port else args.port + 1
     specs = [(args.url, args.host_dir, port, True), (args.baseline_url, args.baseline_host_dir, base_port, False)]

@@ -416,7 +416,7 @@ def run_model(root: str, model: str, args: argparse.Namespace, device: torch.dev
 
 def main() -> None:
     args = parse_args()
-    started = time.time()
+    started = common.begin()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -158,7 +158,7 @@ class _nothing:
 
 def main() -> None:
     args = parse_args()
-    started = time.time()
+    started = common.begin()
     methods = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -126,6 +126,12 @@ def build_unet(root: str, model: str, dtype: torch.dtype, device: torch.device) 
             for p in unet.parameters():
                 if p.dim() > 1 and torch.count_nonzero(p) == 0:
                     p.normal_(std=0.02)
+    if device.type == "cpu" and dtype != torch.float32:
+        # ldm/sgm normalise in float32 (GroupNorm32 casts its input up), which CPU kernels accept only with float32
+        # parameters; the host runs half precision on GPUs only
+        for m in unet.modules():
+            if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm):
+                m.float()
     if model == "sd15":
         _use_sdpa(unet)
     return unet.eval().requires_grad_(False)
@@ -438,7 +444,11 @@ def main() -> None:
                                                    "path needs about 12"}
             print(f"[bench] sdxl skipped: {results['models'][model]['skipped']}")
             continue
-        results["models"][model] = run_model(root, model, args, device)
+        try:
+            results["models"][model] = run_model(root, model, args, device)
+        except (RuntimeError, MemoryError) as e:  # keep the other model's figures
+            results["models"][model] = {"skipped": f"failed: {type(e).__name__}: {e}"}
+            print(f"[bench] {model} failed: {e}", flush=True)
     if device.type != "cuda":
         results["note"] = ("GPU figures missing: no CUDA device on this machine. CPU path at "
                            f"{args.cpu_resolution} px; the 300-step seconds are extrapolated from {args.cpu_steps} steps.")

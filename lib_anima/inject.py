@@ -125,20 +125,32 @@ def fold_site(attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0
     return FoldedSite(qk, qk_bias, vo, heads)
 
 
-def folded_attention(x: torch.Tensor, folded: FoldedSite, add_to: torch.Tensor | None = None) -> torch.Tensor:
+def folded_attention(
+    x: torch.Tensor, folded: FoldedSite, add_to: torch.Tensor | None = None, in_place: bool = False
+) -> torch.Tensor:
     """``strength · W_out · Attn(to_q(x), k, v)`` from the folded form (softmax over each head's tokens, then one
-    product), added to `add_to` (same shape and dtype as the result) in the same product when given."""
-    logits = torch.matmul(x, folded.qk.to(x.dtype))  # [b, n_q, heads · n]
-    if folded.qk_bias is not None:
-        logits = logits + folded.qk_bias.to(x.dtype)
-    shape = logits.shape
-    probs = logits.view(*shape[:-1], folded.heads, -1).softmax(dim=-1)
+    product), added to `add_to` (same shape as the result) in the same product when given.
+
+    `in_place` adds into `add_to` itself (no copy of the site's output; only without autograd, where nothing
+    else holds it yet) when its dtype and layout allow, and returns it.
+    """
+    qk = folded.qk.to(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    if folded.qk_bias is None:
+        logits = torch.mm(rows, qk)  # [rows, heads · n]
+    else:  # the bias in the same kernel
+        logits = torch.addmm(folded.qk_bias.to(x.dtype), rows, qk)
+    probs = logits.view(logits.shape[0], folded.heads, -1).softmax(dim=-1).view(logits.shape)
     vo = folded.vo.to(x.dtype)
-    if add_to is None or add_to.dtype != x.dtype:
-        out = torch.matmul(probs.view(shape), vo)
-        return out if add_to is None else add_to + out.to(add_to.dtype)
-    # one kernel for the product and the sum (the hook's step at every site and every call)
-    return torch.addmm(add_to.reshape(-1, vo.shape[1]), probs.view(-1, shape[-1]), vo).view(add_to.shape)
+    out_shape = (*x.shape[:-1], vo.shape[1])
+    if add_to is None:
+        return torch.mm(probs, vo).view(out_shape)
+    if add_to.dtype != x.dtype:
+        return add_to + torch.mm(probs, vo).view(out_shape).to(add_to.dtype)
+    if in_place and add_to.is_contiguous():  # one kernel: product and sum into the output's own memory
+        add_to.view(-1, vo.shape[1]).addmm_(probs, vo)
+        return add_to
+    return torch.addmm(add_to.reshape(-1, vo.shape[1]), probs, vo).view(add_to.shape)
 
 
 # ---- which rows are conditional --------------------------------------------------------------------------------
@@ -176,6 +188,7 @@ class RowTracker:
         self.offset = 0
         self.progress = 0.0
         self.unknown_calls = 0
+        self._cache: dict[tuple[int, int, int, torch.device], Rows] = {}  # the same few layouts every step
 
     def begin_step(self, n_cond: int, n_total: int, step: int, total_steps: int) -> None:
         self.n_cond, self.n_total, self.offset = n_cond, n_total, 0
@@ -188,9 +201,12 @@ class RowTracker:
             self.unknown_calls += 1
             return None
         self.offset += batch
-        index = torch.arange(start, start + batch)
-        is_cond = index < self.n_cond
-        return _rows(is_cond, device)
+        key = (start, batch, self.n_cond, device)
+        rows = self._cache.get(key)
+        if rows is None:
+            index = torch.arange(start, start + batch)
+            rows = self._cache[key] = _rows(index < self.n_cond, device)
+        return rows
 
 
 class AllConditional:
@@ -316,6 +332,7 @@ class InjectionSession:
                 return None
             x = args[0] if args else kwargs["x"]
             progress = self.tracker.progress
+            in_place = not torch.is_grad_enabled()  # generation: the output is ours until returned
             for entry in entries:
                 index = rows.for_mode(entry.activation.mode)
                 if index is None or not entry.activation.active_at(progress):
@@ -323,13 +340,15 @@ class InjectionSession:
                 folded = self._folded(module, entry)
                 span = rows.span_for_mode(entry.activation.mode)
                 if len(index) == rows.batch:
-                    output = folded_attention(x, folded, add_to=output)
-                elif span is not None:  # views, one product-and-sum, one copy: the other rows stay bit-exact
-                    part = folded_attention(x[span], folded, add_to=output[span])
-                    output = torch.cat([output[: span.start], part, output[span.stop :]])
+                    output = folded_attention(x, folded, add_to=output, in_place=in_place)
+                elif span is not None:  # views and one product-and-sum: the other rows stay bit-exact
+                    part = folded_attention(x[span], folded, add_to=output[span], in_place=in_place)
+                    if part.data_ptr() != output[span].data_ptr():  # not added in place
+                        output = torch.cat([output[: span.start], part, output[span.stop :]])
                 else:  # the same arithmetic on gathered rows
                     part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index))
-                    output = output.index_copy(0, index, part.to(output.dtype))
+                    part = part.to(output.dtype)
+                    output = output.index_copy_(0, index, part) if in_place else output.index_copy(0, index, part)
             return output
 
         return hook

@@ -18,6 +18,8 @@ from lib_anima.inject import (
     InjectionSession,
     RowTracker,
     decoupled_attention,
+    fold_site,
+    folded_attention,
 )
 from lib_anima.layout import find_sites, parse_weights, preset_weights
 
@@ -391,6 +393,65 @@ def test_mode_touches_only_its_rows(sd1, sd1_sites, layout, mode):
             assert (out[row] - clean[row]).abs().max() > 1e-4, f"row {row} ({'cond' if is_cond else 'uncond'}) unchanged"
         else:
             assert torch.equal(out[row], clean[row]), f"row {row} ({'cond' if is_cond else 'uncond'}) was changed"
+
+
+class _Gathered:
+    """Rows 0 and 2 of 4 are conditional: not consecutive, so the hook gathers them (never the host's layout)."""
+
+    progress = 0.0
+    unknown_calls = 0
+
+    def take(self, batch, device):
+        from lib_anima.inject import _rows
+
+        return _rows(torch.tensor([True, False, True, False][:batch]), device)
+
+
+@pytest.mark.parametrize("tracker_kind", ["consecutive", "gathered"])
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_generation_path_in_place_equals_autograd_path(sd1, sd1_sites, tracker_kind, mode):
+    """Without autograd the hook adds into the site's output in place; the numbers are the same as with autograd
+    (out of place), bit for bit, and rows outside the mode stay bit-exact."""
+    args = inputs(4, seed=5)
+    clean = call(sd1, args)
+    act = Activation(make_context(sd1_sites), scale=1.0, mode=mode)
+
+    def run(grad: bool) -> torch.Tensor:
+        tracker = _Gathered() if tracker_kind == "gathered" else RowTracker()
+        with InjectionSession(sd1, [act], tracker):
+            if tracker_kind == "consecutive":
+                tracker.begin_step(2, 4, 0, 10)
+            with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+                return sd1(args["x"], **{k: v for k, v in args.items() if k != "x"}).detach()
+
+    in_place, autograd = run(False), run(True)
+    assert torch.equal(in_place, autograd)
+    cond = [0, 1] if tracker_kind == "consecutive" else [0, 2]
+    touched = cond if mode == "positive" else [r for r in range(4) if r not in cond]
+    for row in range(4):
+        changed = not torch.equal(in_place[row], clean[row])
+        assert changed == (row in touched), f"row {row}"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_attention_in_place_adds_into_the_given_tensor(sd1_sites, bias):
+    attn = sd1_sites[0].module
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(N_TOKENS, CTX_DIM, generator=g)
+    folded = fold_site(attn, tokens, strength=0.7)
+    if bias:
+        folded.qk_bias = torch.randn(folded.qk.shape[1], generator=g)
+    x = torch.randn(2, 16, attn.to_q.weight.shape[1], generator=g)
+    base = torch.randn(2, 16, attn.to_out[0].weight.shape[0], generator=g)
+    with torch.no_grad():
+        expected = base + folded_attention(x, folded)
+        target = base.clone()
+        got = folded_attention(x, folded, add_to=target, in_place=True)
+        out_of_place = folded_attention(x, folded, add_to=base)
+    assert got is target
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, out_of_place)
+    assert not torch.equal(base, target)  # out of place left its input alone
 
 
 def test_positive_and_negative_together(sd1, sd1_sites):

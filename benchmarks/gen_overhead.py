@@ -8,7 +8,10 @@ Two hosts from the same offline A1111 (same model, settings, threads) are measur
 runs each condition once in a rotating order. The per-step time of a condition in a repeat is
 ``(t(steps_hi) - t(steps_lo)) / (steps_hi - steps_lo)`` over two txt2img calls that differ only in the step
 count, so prompt encoding, VAE decoding and HTTP cancel out. Ratios are taken per repeat against the
-extension-less host's time of the same repeat; the median and quartiles over the repeats are reported.
+extension-less host's time of the same repeat; the median and quartiles over the repeats are reported. The
+contexts' conditions are also given against "installed, no context" (no hook, so the host's own code path) of
+the same repeat: the same server process, which leaves out differences between two processes (core placement,
+memory layout) that show up as a few per cent either way in "installed, no context" against the other host.
 
 Contexts are untrained (``POST /anima/v1/contexts``): the cost of the injection does not depend on the values.
 Each context is checked to be applied (its ``Anima N`` infotext entry) before timing.
@@ -144,6 +147,10 @@ def summarize(per_step: dict[str, list[float]]) -> dict[str, Any]:
             entry["ratio_quartiles"] = common.quartiles(ratios)
             entry["ratio_of_medians"] = common.ratio(common.median(values), common.median(base))
             entry["overhead_percent"] = None if entry["ratio_median"] is None else (entry["ratio_median"] - 1) * 100
+        if c in ("one", "four"):  # against the same server process with no context: no host-to-host difference
+            same = [common.ratio(a, b) for a, b in zip(values, per_step["none"], strict=False)]
+            entry["ratio_vs_none_median"] = common.median(same)
+            entry["ratio_vs_none_quartiles"] = common.quartiles(same)
         out[c] = entry
     return out
 
@@ -159,6 +166,11 @@ def report(summary: dict[str, Any], args: argparse.Namespace, what: str) -> None
         quart = "" if not q else f"{q[0]:.3f}-{q[1]:.3f}"
         print(f"{LABELS[c]:<26}{common.fmt(ms, 1):>9}{common.fmt(s.get('ratio_median')) if c != 'disabled' else '1':>16}"
               f"{quart:>18}")
+    print("the injection alone, against the same server with no context (no host-to-host difference):")
+    for c in ("one", "four"):
+        q = summary[c].get("ratio_vs_none_quartiles")
+        quart = "" if not q else f"{q[0]:.3f}-{q[1]:.3f}"
+        print(f"{LABELS[c]:<26}{'':>9}{common.fmt(summary[c].get('ratio_vs_none_median')):>16}{quart:>18}")
 
 
 def plot(per_step: dict[str, list[float]], cpu_per_step: dict[str, list[float]], args: argparse.Namespace):

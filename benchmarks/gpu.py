@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import sys
-import tarfile
 import time
 import types
 from collections.abc import Callable
@@ -47,7 +46,6 @@ LDM = "repositories/stable-diffusion-stability-ai"
 SGM = "repositories/generative-models"
 SD15_CONFIG = "configs/v1-inference.yaml"
 SDXL_CONFIG = f"{SGM}/configs/inference/sd_xl_base.yaml"
-TARBALL = os.path.join(common.SHARED_HOST, "webui-host-v1.10.1.tar.gz")
 GOALS_S = {"sd15": 20.0, "sdxl": 60.0}
 NATIVE_PX = {"sd15": 512, "sdxl": 1024}
 
@@ -79,16 +77,12 @@ def host_sources(host_dir: str) -> str:
         return host_dir
     cache = os.path.join(common.DEFAULT_HOSTS, "sources")
     if not complete(cache):
-        if not os.path.isfile(TARBALL):
-            raise SystemExit("no A1111 sources: pass --host-dir or provide ../shared/host")
-        wanted = (f"/{LDM}/ldm/", f"/{SGM}/sgm/", f"/{SD15_CONFIG}", f"/{SDXL_CONFIG}")
-        with tarfile.open(TARBALL) as tar:
-            members = []
-            for m in tar.getmembers():
-                if any(w in m.name + ("/" if m.isdir() else "") for w in wanted):
-                    m.name = m.name.split("/", 1)[1]
-                    members.append(m)
-            tar.extractall(cache, members=members, filter="data")
+        from tests import unets
+
+        try:
+            unets.extract_host_sources(cache, (f"{LDM}/ldm/", f"{SGM}/sgm/", SD15_CONFIG, SDXL_CONFIG))
+        except RuntimeError as e:
+            raise SystemExit(f"{e} (or pass --host-dir)") from None
     return cache
 
 

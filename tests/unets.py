@@ -26,17 +26,22 @@ def _host_root() -> str:
         return host
     cache = os.path.join(HERE, ".cache", "host")
     if not os.path.isdir(os.path.join(cache, LDM, "ldm")):
-        if not os.path.isfile(TARBALL):
-            raise RuntimeError("no A1111 host sources: set WEBUI_HOST_DIR or provide ../shared/host")
-        wanted = (f"/{LDM}/ldm/", f"/{SGM}/sgm/")
-        with tarfile.open(TARBALL) as tar:
-            members = []
-            for m in tar.getmembers():
-                if any(w in m.name + ("/" if m.isdir() else "") for w in wanted):
-                    m.name = m.name.split("/", 1)[1]
-                    members.append(m)
-            tar.extractall(cache, members=members, filter="data")
+        extract_host_sources(cache, (f"{LDM}/ldm/", f"{SGM}/sgm/"))
     return cache
+
+
+def extract_host_sources(dest: str, paths: tuple[str, ...]) -> None:
+    """Unpack the host tarball's files under `paths` (relative to the A1111 root; folders end in /) into `dest`."""
+    if not os.path.isfile(TARBALL):
+        raise RuntimeError("no A1111 host sources: set WEBUI_HOST_DIR or provide ../shared/host")
+    wanted = tuple("/" + p for p in paths)
+    with tarfile.open(TARBALL) as tar:
+        members = []
+        for m in tar.getmembers():
+            if any(w in m.name + ("/" if m.isdir() else "") for w in wanted):
+                m.name = m.name.split("/", 1)[1]  # drop the tarball's top folder
+                members.append(m)
+        tar.extractall(dest, members=members, filter="data")
 
 
 def _import_paths() -> None:

@@ -135,7 +135,9 @@ def train_ours(model: ToyModel, config: OneShotConfig, log: Callable[[str], None
         )
         watch.stop()
         state = result.state
-        run.checkpoints.append(Checkpoint(result.state.step, watch.spent, watch.wall, result.context))
+        if run.checkpoints and run.checkpoints[-1].step == state.step:
+            break  # the budget ran out exactly at the last checkpoint
+        run.checkpoints.append(Checkpoint(state.step, watch.spent, watch.wall, result.context))
         if result.interrupted or watch.spent >= config.budget_s:
             break
     run.extra["loss_last_10"] = _mean_tail(state.losses if state else [])

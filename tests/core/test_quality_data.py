@@ -221,3 +221,21 @@ def test_first_reaching_and_checkpoints():
     assert _targets(OneShotConfig(first_checkpoint=5, checkpoint_growth=2))[:4] == [5, 10, 20, 40]
     assert _targets(OneShotConfig(first_checkpoint=5))[:7] == [5, 7, 10, 14, 20, 28, 40]
     assert _targets(OneShotConfig(first_checkpoint=1, checkpoint_growth=1.2))[:5] == [1, 2, 3, 4, 5]
+
+
+def test_time_to_similarity_counts_only_checkpoints_within_the_adherence_floor():
+    base = {"similarity": 0.3, "adherence": 1.0}
+    curves = {m: {"positive": curve([(0, 0.3, 1.0), (1, 0.5, 1.0)])} for m in ("ours", "ti", "finetune")}
+    times = {
+        "ours": [{"seconds": 4.0, "similarity": 0.7, "adherence": 0.95}],
+        "ti": [{"seconds": 1.0, "similarity": 0.9, "adherence": 0.5},  # similar but the prompt is lost
+               {"seconds": 20.0, "similarity": 0.8, "adherence": 0.92}],
+        "finetune": [{"seconds": 1.0, "similarity": 0.9, "adherence": 1.0}],
+    }
+    g = goals(base, curves, times, 20.0)
+    assert g["same_similarity_target"] == 0.7
+    assert g["seconds_to_target"] == {"ours": 4.0, "ti": 20.0} and g["time_ratio_ti_over_ours"] == 5.0
+    assert not g["goal_10x_faster_than_ti"]
+    a = g["ignoring_adherence"]
+    assert a["target"] == 0.7 and a["seconds"] == {"ours": 4.0, "ti": 1.0} and a["ti_over_ours"] == 0.25
+    assert first_reaching(times["ti"], 0.85, floor=0.9) is None

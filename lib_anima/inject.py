@@ -259,10 +259,7 @@ class _SiteEntry:
     strength: float  # scale · site weight
     index: int  # the site's row in the context's tokens
     folded: FoldedSite | None = None  # cached for tokens that do not train
-
-    @property
-    def tokens(self) -> torch.Tensor:  # [n_tokens, context_dim], taken at each use: trained tokens change
-        return self.activation.context.tokens[self.index]
+    folded_for: tuple[int, torch.dtype] | None = None  # to_q's weight storage and dtype it was folded with
 
 
 @dataclass
@@ -360,12 +357,13 @@ class InjectionSession:
 
     @staticmethod
     def _folded(module: torch.nn.Module, entry: _SiteEntry) -> FoldedSite:
-        tokens = entry.tokens
+        tokens = entry.activation.context.tokens
         if tokens.requires_grad:  # training: the tokens change every step
-            return fold_site(module, tokens, entry.strength)
+            return fold_site(module, tokens[entry.index], entry.strength)
         weight = module.to_q.weight
-        folded = entry.folded
-        if folded is None or folded.qk.device != weight.device or folded.qk.dtype != weight.dtype:
+        key = (weight.data_ptr(), weight.dtype)  # a move to another device or dtype gives new storage
+        if entry.folded is None or entry.folded_for != key:
             with torch.no_grad():
-                folded = entry.folded = fold_site(module, tokens, entry.strength)
-        return folded
+                entry.folded = fold_site(module, tokens[entry.index], entry.strength)
+            entry.folded_for = key
+        return entry.folded

@@ -454,6 +454,24 @@ def test_folded_attention_in_place_adds_into_the_given_tensor(sd1_sites, bias):
     assert not torch.equal(base, target)  # out of place left its input alone
 
 
+def test_folded_keys_follow_new_weight_storage_inside_a_session():
+    """The folded keys/values are cached per session; weights that get new storage mid-session (what a move to
+    another device or dtype does) are folded again."""
+    unet = unets.sd1_unet(context_dim=CTX_DIM).requires_grad_(False)
+    sites = find_sites(unet)
+    args = inputs(2, seed=4)
+    act = Activation(make_context(sites), scale=1.0)
+    with InjectionSession(unet, [act]):
+        before = call(unet, args)  # folds
+        for site in sites:
+            site.module.to_q.weight.data = site.module.to_q.weight.data * 1.5  # new storage
+        after = call(unet, args)
+    with InjectionSession(unet, [act]):
+        fresh = call(unet, args)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh)
+
+
 def test_positive_and_negative_together(sd1, sd1_sites):
     """Two contexts, one per mode: each row kind gets exactly its own context (same as running each alone)."""
     args = inputs(4, seed=9)

@@ -344,12 +344,12 @@ class InjectionSession:
                 if len(index) == rows.batch:
                     output = folded_attention(x, folded, add_to=output, in_place=in_place)
                 elif span is not None:  # views and one product-and-sum: the other rows stay bit-exact
-                    part = folded_attention(x[span], folded, add_to=output[span], in_place=in_place)
-                    if part.data_ptr() != output[span].data_ptr():  # not added in place
+                    target = output[span]
+                    part = folded_attention(x[span], folded, add_to=target, in_place=in_place)
+                    if part is not target:  # not added in place
                         output = torch.cat([output[: span.start], part, output[span.stop :]])
-                else:  # the same arithmetic on gathered rows
+                else:  # the same arithmetic on gathered rows (the sum comes back in the output's dtype)
                     part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index))
-                    part = part.to(output.dtype)
                     output = output.index_copy_(0, index, part) if in_place else output.index_copy(0, index, part)
             return output
 

@@ -97,8 +97,9 @@ def sidecar_suffixes() -> list[str]:
     return [*previews, METADATA_SUFFIX]
 
 
-def check_directory(path: object, roots: list[str], what: str = "directory") -> str:
-    """`path` resolved (symlinks followed) if it lies inside one of `roots`, else an ArgumentError.
+def check_directory(path: object, roots: list[str], what: str = "directory", outside_hint: str = "") -> str:
+    """`path` resolved (symlinks followed) if it lies inside one of `roots`, else an ArgumentError (ending in
+    `outside_hint` when it lies outside them).
 
     Refuses what is not text, NUL, lone surrogates and over-long paths before touching the file system.
     """
@@ -117,5 +118,6 @@ def check_directory(path: object, roots: list[str], what: str = "directory") -> 
     real = os.path.realpath(os.path.expanduser(path.strip()))
     real_roots = [os.path.realpath(r) for r in roots if r and r.strip()]
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in real_roots):
-        raise ArgumentError(f"the {what} {_shown(path)} is outside the allowed folders ({', '.join(real_roots)})")
+        raise ArgumentError(f"the {what} {_shown(path)} is outside the allowed folders ({', '.join(real_roots)})"
+                            + (f"; {outside_hint}" if outside_hint else ""))
     return real

@@ -272,12 +272,8 @@ def allowed_dataset_roots() -> list[str]:
 
 def check_dataset_dir(path: str) -> str:
     """The dataset folder, resolved; refused outside the allowed roots (``--anima-dataset-roots``)."""
-    try:
-        real = check_directory(path, allowed_dataset_roots(), what="dataset directory")
-    except ArgumentError as e:
-        if "outside" not in str(e):
-            raise
-        raise ArgumentError(f"{e}; start the WebUI with --anima-dataset-roots to allow more") from None
+    real = check_directory(path, allowed_dataset_roots(), what="dataset directory",
+                           outside_hint="start the WebUI with --anima-dataset-roots to allow more")
     if not os.path.isdir(real):
         raise ArgumentError(f"the dataset directory {path!r} does not exist")
     return real

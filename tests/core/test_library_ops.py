@@ -180,6 +180,12 @@ def test_check_directory(tmp_path):
                        (None, "non-empty"), ("x\ud800", "UTF-8"), ("a" * 5000, "4096")]:
         with pytest.raises(ArgumentError, match=words):
             check_directory(bad, [str(root)])
+    # the hint (how to allow more folders) follows only the "outside" refusal
+    with pytest.raises(ArgumentError, match=r"outside the allowed folders .*; pass --roots$"):
+        check_directory("/etc", [str(root)], outside_hint="pass --roots")
+    with pytest.raises(ArgumentError, match="NUL") as refused:
+        check_directory("x\x00", [str(root)], outside_hint="pass --roots")
+    assert "--roots" not in str(refused.value)
 
 
 # ---- images --------------------------------------------------------------------------------------------------------

@@ -28,9 +28,6 @@ from benchmarks.quality.model import LATENT_SHAPE, ToyModel, schedule, to_latent
 from lib_anima.context import ReferenceContext
 from lib_anima.train import TrainConfig, TrainExample, TrainState, train_context
 
-METHODS = ("ours", "ti", "finetune")
-
-
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
@@ -262,3 +259,8 @@ def interpolated(model: ToyModel, unet_state: dict[str, torch.Tensor], scale: fl
 def _mean_tail(xs: list[float], n: int = 10) -> float:
     tail = xs[-n:]
     return sum(tail) / len(tail) if tail else float("nan")
+
+
+TRAINERS: dict[str, Callable[[ToyModel, OneShotConfig, Callable[[str], None]], Run]] = {
+    "ours": train_ours, "ti": train_ti, "finetune": train_finetune,
+}

@@ -133,7 +133,7 @@ def select_lr(method: str, model: ToyModel, gen: Generator, classifier: Classifi
               grid: tuple[float, ...], trial_budget: float, log: Callable[[str], None]) -> tuple[float, list[dict]]:
     """The learning rate each one-shot method gets: a short trial per rate, scored by the mean similarity over its
     checkpoints (spaced geometrically in steps, so a rate that gets there sooner scores higher)."""
-    trainer = {"ours": methods.train_ours, "ti": methods.train_ti}[method]
+    trainer = methods.TRAINERS[method]
     trials = []
     for lr in grid:
         run = trainer(model, replace(one, budget_s=trial_budget, **{f"lr_{method}": lr}), log)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             one = replace(one, **{f"lr_{name}": lr})
             log(f"  {name}: lr {lr:g}")
     runs = {}
-    for name, trainer in (("ours", methods.train_ours), ("ti", methods.train_ti), ("finetune", methods.train_finetune)):
+    for name, trainer in methods.TRAINERS.items():
         log(f"training {name} (budget {one.budget_s:g} s)")
         runs[name] = trainer(model, one, log)
 

@@ -336,6 +336,11 @@ def setup_host(host_dir: str, models: str = "sd1") -> None:
         return
     print(f"[bench] setting up a host in {host_dir} (first time: a few minutes)", flush=True)
     env = {} if "WEBUI_HOST_MODELS" in os.environ else {"WEBUI_HOST_MODELS": models}
+    sources = os.environ.get("WEBUI_SOURCES") or os.path.join(os.path.expanduser("~"), "webui-sources")
+    if not os.path.isfile(os.path.join(sources, "stable-diffusion-webui", "launch.py")):
+        raise SystemExit(f"[bench] no A1111 v1.10.1 source at {sources}/stable-diffusion-webui: set WEBUI_SOURCES to the "
+                         "folder that holds your stable-diffusion-webui (../shared/host/README.md, 'The host source'), "
+                         "or pass --url of a running WebUI")
     _run_script("setup.sh", host_dir, env=env)
 
 

@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cpu-steps", type=int, default=3, help="timed training steps on the CPU path")
     ap.add_argument("--cpu-gen-repeats", type=int, default=5)
     ap.add_argument("--host-dir", default=os.environ.get("WEBUI_HOST_DIR", ""),
-                    help="an A1111 folder with configs/ and repositories/ (default: unpacked from ../shared/host)")
+                    help="an A1111 v1.10.1 folder with configs/ and repositories/ (default: $WEBUI_SOURCES/stable-diffusion-webui)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     return ap.parse_args()
 
@@ -69,21 +69,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def host_sources(host_dir: str) -> str:
-    """A folder holding the host's ldm/sgm packages and the two configs: `host_dir`, or unpacked from the tarball."""
+    """The A1111 folder holding the host's ldm/sgm packages and the two configs: `host_dir`, else the source
+    folder the tests use ($WEBUI_SOURCES/stable-diffusion-webui); exits with a clear message when neither has them."""
+    from tests import unets
+
     def complete(root: str) -> bool:
         return all(os.path.exists(os.path.join(root, p)) for p in (f"{LDM}/ldm", f"{SGM}/sgm", SD15_CONFIG, SDXL_CONFIG))
 
-    if host_dir and complete(host_dir):
-        return host_dir
-    cache = os.path.join(common.DEFAULT_HOSTS, "sources")
-    if not complete(cache):
-        from tests import unets
-
-        try:
-            unets.extract_host_sources(cache, (f"{LDM}/ldm/", f"{SGM}/sgm/", SD15_CONFIG, SDXL_CONFIG))
-        except RuntimeError as e:
-            raise SystemExit(f"{e} (or pass --host-dir)") from None
-    return cache
+    for root in (host_dir, unets.host_root()):
+        if root and complete(root):
+            return root
+    raise SystemExit(unets.MISSING_HOST.format(sources=unets.webui_sources()) + " (or pass --host-dir)")
 
 
 def unet_params(root: str, model: str) -> dict[str, Any]:

@@ -58,13 +58,13 @@ def _sdp_forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mas
 def tiny_unet() -> torch.nn.Module:
     from tests import unets
 
-    unets._import_paths()
+    unets.import_host_modules()  # exits with a clear message when the host source is missing
     from ldm.modules import attention
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     attention.CrossAttention.forward = _sdp_forward  # this process only: a benchmark, not the extension
     torch.manual_seed(0)
-    return unets._randomize(UNetModel(**TINY_SD1)).eval()
+    return unets.randomize(UNetModel(**TINY_SD1)).eval()
 
 
 def contexts(unet: torch.nn.Module, count: int) -> list:

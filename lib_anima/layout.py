@@ -3,7 +3,12 @@
 A *site* is one text cross-attention module (``attn2``) of the UNet. Sites are ordered by module path as
 ``named_modules()`` yields them (input blocks, middle block, output blocks), e.g. for SD1.x
 ``input_blocks.1.1.transformer_blocks.0.attn2`` first and ``output_blocks.11.1.transformer_blocks.0.attn2`` last.
-SD1.x and SD2.x have 16 sites, SDXL 70.
+SD1.x and SD2.x have 16 sites, SDXL 70. diffusers-style UNets (``down_blocks`` / ``mid_block`` / ``up_blocks``)
+are read the same way.
+
+A site's name ignores wrapper modules that other extensions put around a block while they sample (Kohya's
+Deep Shrink replaces ``input_blocks.2`` by a ``Scaler`` whose ``.block`` is the original; ``torch.compile`` adds
+``_orig_mod``), so a context fits the UNet whether or not such a wrapper is in place.
 
 Per-site weight presets (by the spatial resolution a site works at):
 
@@ -27,7 +32,16 @@ import torch
 from lib_anima.errors import ArgumentError
 
 PRESETS = ("all", "coarse", "middle", "fine", "in", "mid", "out")
-_BLOCK = re.compile(r"(?:^|\.)(input_blocks|middle_block|output_blocks)(?:\.(\d+))?")
+_BLOCK = re.compile(r"(?:^|\.)(input_blocks|middle_block|output_blocks|down_blocks|mid_block|up_blocks)(?:\.(\d+))?")
+_SECTION = {"input_blocks": "in", "down_blocks": "in", "middle_block": "mid", "mid_block": "mid",
+            "output_blocks": "out", "up_blocks": "out"}
+# Path segments of wrappers around a block: Deep Shrink's Scaler (`.block`), torch.compile (`_orig_mod`).
+_WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:block|_orig_mod)\.")
+
+
+def canonical_name(path: str) -> str:
+    """`path` without wrapper segments: the name a site has when no other extension wraps its block."""
+    return _WRAPPER_SEGMENT.sub("", path)
 
 
 @dataclass(frozen=True)
@@ -43,41 +57,57 @@ class Site:
         return int(self.module.to_k.in_features)
 
 
-def _contains(module: torch.nn.Module, class_name: str) -> bool:
-    return any(type(m).__name__ == class_name for m in module.modules())
+def _contains(module: torch.nn.Module, *class_names: str) -> bool:
+    return any(type(m).__name__ in class_names for m in module.modules())
 
 
 def _block_downsampling(unet: torch.nn.Module) -> dict[tuple[str, int], int]:
-    """Downsampling factor of each input/output block of an ldm/sgm UNetModel."""
+    """Downsampling factor of each input/output block of an ldm/sgm or a diffusers UNet."""
     factors: dict[tuple[str, int], int] = {}
     ds = 1
-    for i, block in enumerate(getattr(unet, "input_blocks", [])):
+    for i, block in enumerate(getattr(unet, "input_blocks", [])):  # ldm: the downsampler is a block of its own
         if _contains(block, "Downsample"):
             ds *= 2
         factors[("in", i)] = ds
+    for i, block in enumerate(getattr(unet, "down_blocks", [])):  # diffusers: it ends the block
+        factors[("in", i)] = ds
+        if _contains(block, "Downsample2D"):
+            ds *= 2
     factors[("mid", 0)] = ds
-    for i, block in enumerate(getattr(unet, "output_blocks", [])):
+    for i, block in enumerate([*getattr(unet, "output_blocks", []), *getattr(unet, "up_blocks", [])]):
         factors[("out", i)] = ds
-        if _contains(block, "Upsample"):
+        if _contains(block, "Upsample", "Upsample2D"):
             ds //= 2
     return factors
 
 
+def _unet_body(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the blocks (a wrapper's only child when `unet` itself has none)."""
+    for module in unet.modules():
+        if any(hasattr(module, a) for a in ("input_blocks", "down_blocks")):
+            return module
+    return unet
+
+
 def find_sites(unet: torch.nn.Module) -> list[Site]:
     """Every cross-attention module of `unet`, in module path order."""
-    factors = _block_downsampling(unet)
+    factors = _block_downsampling(_unet_body(unet))
     sites = []
-    for name, module in unet.named_modules():
-        if not name.endswith("attn2") or not hasattr(module, "to_k"):
+    for path, module in unet.named_modules():
+        if not path.endswith("attn2") or not hasattr(module, "to_k"):
             continue
+        name = canonical_name(path)
         match = _BLOCK.search(name)
         section, block = "", 0
         if match:
-            section = {"input_blocks": "in", "middle_block": "mid", "output_blocks": "out"}[match.group(1)]
+            section = _SECTION[match.group(1)]
             block = int(match.group(2) or 0) if section != "mid" else 0
         sites.append(Site(len(sites), name, module, section, factors.get((section, block), 1)))
     if not sites:
         raise ArgumentError("the model has no cross-attention (attn2) modules")
+    # input, middle, output: diffusers registers its middle block after the up blocks
+    order = {"in": 0, "": 0, "mid": 1, "out": 2}
+    sites = [replace(s, index=i) for i, s in enumerate(sorted(sites, key=lambda s: order[s.section]))]
     # The middle block works at the deepest resolution; count it with the deepest attention level of the
     # input/output blocks (SD1 has no attention at the middle block's own factor otherwise).
     outer = [s.downsample for s in sites if s.section != "mid"]

@@ -67,10 +67,10 @@ class PretrainConfig:
 
 
 def host_ldm() -> None:
-    """Put the host's ldm on sys.path (the same lookup as the core tests: $WEBUI_HOST_DIR or ../shared/host)."""
+    """Put the host's ldm on sys.path (the same lookup as the core tests: $WEBUI_SOURCES/stable-diffusion-webui)."""
     from tests import unets
 
-    unets._import_paths()
+    unets.import_host_modules()
 
 
 class ToyModel(torch.nn.Module):

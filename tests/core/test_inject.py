@@ -1,4 +1,6 @@
-"""The attention injection on real ldm (SD1 layout) and sgm (SDXL layout) UNets with random weights.
+"""The attention injection on real UNets with random weights: diffusers' UNet2DConditionModel in SD1 and SDXL
+layouts (always), and the host's own ldm / sgm modules for what is about the host's module layout (skipped,
+visibly, when $WEBUI_SOURCES has no A1111 source).
 
 Every comparison is against the same computation done without the extension (a clean run with the same
 batch layout) or against an explicit reference formula written out here.
@@ -67,11 +69,21 @@ def sdxl_sites(sdxl):
     return find_sites(sdxl)
 
 
+@pytest.fixture(scope="module")
+def ldm_sd1() -> torch.nn.Module:
+    return unets.ldm_sd1_unet(context_dim=CTX_DIM).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def sgm_sdxl() -> torch.nn.Module:
+    return unets.sgm_sdxl_unet(context_dim=CTX_DIM, adm=ADM).requires_grad_(False)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_hooks(request):
     """Every test must leave the shared UNets without hooks (a failing test would otherwise poison the rest)."""
     yield
-    for name in ("sd1", "sdxl"):
+    for name in ("sd1", "sdxl", "ldm_sd1", "sgm_sdxl"):
         if name in request.fixturenames:
             assert_no_hooks(request.getfixturevalue(name))
 
@@ -138,7 +150,7 @@ class OneSite(torch.nn.Module):
         self.attn2 = attn
 
     def forward(self, x, context):
-        return self.attn2(x, context=context)
+        return self.attn2(x, context)  # positional: ldm names it `context`, diffusers `encoder_hidden_states`
 
 
 def one_site_context(tokens: torch.Tensor) -> ReferenceContext:
@@ -162,7 +174,7 @@ class Capture:
     def _hook(self, i):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["x"]
-            context = args[1] if len(args) > 1 else kwargs.get("context")
+            context = args[1] if len(args) > 1 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
             self.calls[i].append((x.detach().clone(), context.detach().clone(), output.detach().clone()))
 
         return hook
@@ -240,7 +252,7 @@ def test_site_delta_inside_real_unet_call(request, unet_name):
     for j, i in enumerate(picked):
         [(x, context, hooked)] = cap.calls[j]
         with torch.no_grad():
-            clean = sites[i].module(x, context=context)
+            clean = sites[i].module(x, context)
         expected = reference_delta(sites[i].module, x, ctx.tokens[i]) * 1.2
         assert expected.abs().max() > 1e-3
         torch.testing.assert_close(hooked - clean, expected, atol=1e-5, rtol=0)
@@ -336,7 +348,7 @@ def test_hooks_removed_after_exception_inside_unet_forward(sd1, sd1_sites):
         raise RuntimeError("interrupted mid-forward")
 
     # a resblock of the output blocks: raised after several hooked sites already ran
-    bomb = sd1.output_blocks[6][0].register_forward_hook(explode)
+    bomb = sd1_sites[12].module.register_forward_hook(explode)
     session = InjectionSession(sd1, [Activation(make_context(sd1_sites), scale=1.0)])
     try:
         with pytest.raises(RuntimeError, match="interrupted mid-forward"), session:
@@ -590,7 +602,20 @@ def test_mode_validation(sd1_sites):
 # ---- presets and per-site weights ----------------------------------------------------------------------------
 
 
-def test_sd1_preset_site_selection(sd1_sites):
+@pytest.mark.parametrize("family", ["diffusers", "host"])
+def test_the_two_module_families_give_the_same_presets(request, family):
+    """diffusers' SD1-like and SDXL-like UNets have the host's site counts and preset sizes."""
+    sd1, sdxl = ("sd1", "sdxl") if family == "diffusers" else ("ldm_sd1", "sgm_sdxl")
+    sizes = {}
+    for name in (sd1, sdxl):
+        sites = find_sites(request.getfixturevalue(name))
+        sizes[name] = [len(sites)] + [int(sum(preset_weights(sites, p))) for p in ("fine", "middle", "coarse", "in", "mid", "out")]
+    assert sizes[sd1] == [16, 5, 5, 6, 6, 1, 9]
+    assert sizes[sdxl] == [70, 10, 10, 60, 24, 10, 36]
+
+
+def test_sd1_preset_site_selection(ldm_sd1):
+    sd1_sites = find_sites(ldm_sd1)
     names = [s.name for s in sd1_sites]
     chosen = {p: {n for n, w in zip(names, preset_weights(sd1_sites, p), strict=True) if w} for p in ("fine", "coarse", "middle")}
     assert chosen["fine"] == SD1_FINE
@@ -604,7 +629,8 @@ def test_sd1_preset_site_selection(sd1_sites):
         assert w == [float(s.section == section) for s in sd1_sites] and sum(w) > 0
 
 
-def test_sdxl_preset_site_selection(sdxl_sites):
+def test_sdxl_preset_site_selection(sgm_sdxl):
+    sdxl_sites = find_sites(sgm_sdxl)
     assert len(sdxl_sites) == 70
     mid = [float(s.section == "mid") for s in sdxl_sites]
     assert sum(mid) == 10
@@ -618,6 +644,8 @@ def test_sdxl_preset_site_selection(sdxl_sites):
 def test_fine_preset_leaves_coarse_sites_untouched(sd1, sd1_sites):
     ctx = make_context(sd1_sites, seed=6)
     args = inputs(2, seed=6)
+    fine = {s.name for s, w in zip(sd1_sites, preset_weights(sd1_sites, "fine"), strict=True) if w}
+    assert len(fine) == 5
     with InjectionSession(sd1, [Activation(ctx, scale=1.5, weights="fine")]):
         hooked_sites = {s.name for s in sd1_sites if s.module._forward_hooks}
         cap = Capture([s.module for s in sd1_sites])
@@ -625,12 +653,12 @@ def test_fine_preset_leaves_coarse_sites_untouched(sd1, sd1_sites):
             call(sd1, args)
         finally:
             cap.remove()
-    assert hooked_sites == SD1_FINE
+    assert hooked_sites == fine
     for site in sd1_sites:
         [(x, context, hooked)] = cap.calls[site.index]
         with torch.no_grad():
-            delta = hooked - site.module(x, context=context)
-        if site.name in SD1_FINE:
+            delta = hooked - site.module(x, context)
+        if site.name in fine:
             assert delta.abs().max() > 1e-3, site.name
         else:
             assert torch.equal(delta, torch.zeros_like(delta)), site.name
@@ -713,10 +741,18 @@ def test_wrong_context_dim(sd1, sd1_sites):
         InjectionSession(sd1, [Activation(make_context(sd1_sites, dim=32), scale=1.0)])
 
 
-def test_wrong_site_layout(sd1, sd1_sites):
-    ctx = make_context(sd1_sites)
+def test_wrong_site_layout(ldm_sd1):
+    sites = find_sites(ldm_sd1)
+    ctx = make_context(sites)
     ctx.site_names = list(reversed(ctx.site_names))
     with pytest.raises(ContextMismatchError, match=r"site 0 is 'output_blocks\.11.*'input_blocks\.1\."):
+        InjectionSession(ldm_sd1, [Activation(ctx, scale=1.0)])
+
+
+def test_wrong_site_layout_diffusers(sd1, sd1_sites):
+    ctx = make_context(sd1_sites)
+    ctx.site_names = list(reversed(ctx.site_names))
+    with pytest.raises(ContextMismatchError, match=r"site 0 is 'diffusion\.up_blocks\.3.*'diffusion\.down_blocks\.0\."):
         InjectionSession(sd1, [Activation(ctx, scale=1.0)])
 
 

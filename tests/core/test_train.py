@@ -1,4 +1,5 @@
-"""Training the tokens on the small random-weight UNets with the real SD1 (ldm) and SDXL (sgm) layouts."""
+"""Training the tokens on small random-weight UNets: diffusers' UNet2DConditionModel in SD1 and SDXL layouts, and
+the host's own ldm module where the test is about ldm (its block checkpointing)."""
 
 from __future__ import annotations
 
@@ -352,7 +353,13 @@ def blocks(u):
     return [m for m in u.modules() if isinstance(getattr(m, "checkpoint", None), bool)]
 
 
-def test_model_flags_restored_after_training_and_after_an_error(sd1):
+@pytest.fixture(scope="module")
+def ldm_sd1():
+    return unets.ldm_sd1_unet(context_dim=DIM)
+
+
+def test_model_flags_restored_after_training_and_after_an_error(ldm_sd1):
+    sd1 = ldm_sd1
     params = list(sd1.parameters())
     try:
         for i, p in enumerate(params):

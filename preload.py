@@ -13,3 +13,7 @@ def preload(parser: argparse.ArgumentParser) -> None:
         help="folders (separated by the OS path separator) inside which training dataset directories are allowed "
              "(default: the WebUI data dir)",
     )
+    parser.add_argument(
+        "--anima-debug-rows", action="store_true",
+        help="for tests: record which rows of each UNet call got which kind, served at GET /anima/v1/debug/rows",
+    )

@@ -336,8 +336,7 @@ def count_flops(root: str, model: str, size: int) -> dict[str, Any]:
         session = None
         if tokens is not None:
             context.tokens = tokens  # meta tokens (the file checks ran on the zeros above)
-            session = InjectionSession(unet, [Activation(context, 1.0)], sites=sites)
-            session.tracker = _AllRows()
+            session = InjectionSession(unet, [Activation(context, 1.0)], sites=sites)  # every row conditional
         inp = x.clone().requires_grad_(train and tokens is None)
         with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
             if session is None:
@@ -358,17 +357,6 @@ def count_flops(root: str, model: str, size: int) -> dict[str, Any]:
             "generation_row_gflop": gen_bare / 1e9, "context_term_gflop_per_row": term / 1e9,
             # a CFG step runs 2 rows; a positive context touches 1 of them
             "generation_overhead_percent_per_context": 100 * term / (2 * gen_bare)}
-
-
-class _AllRows:
-    """Every row conditional (counting only)."""
-
-    progress = 0.0
-
-    def take(self, batch: int, device: torch.device):
-        from lib_anima.inject import AllConditional
-
-        return AllConditional().take(batch, device)
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------

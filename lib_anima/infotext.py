@@ -29,6 +29,11 @@ def format_unit(unit: ContextUnit, shorthash: str) -> str:
     return ", ".join(parts)
 
 
+def is_entry_key(key: str) -> bool:
+    """``Anima 1``, ``Anima 2``, ... (not ``Anima warnings``)."""
+    return bool(_KEY_RE.match(key))
+
+
 def generation_params(units: list[tuple[ContextUnit, str]]) -> dict[str, str]:
     """The infotext keys for (unit, shorthash) pairs."""
     return {f"{KEY} {i}": format_unit(unit, h) for i, (unit, h) in enumerate(units, start=1)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class Activation:
     start: float = 0.0
     end: float = 1.0
     weights: str | list[float] | None = None  # preset name, custom list; None: the file's own or all 1
+    reached: bool = field(default=False, compare=False)  # set once the term was added to some UNet call
 
     def __post_init__(self) -> None:
         self.scale = check_scale(self.scale)
@@ -178,40 +180,181 @@ class Rows:
         return self.cond_span if mode == "positive" else self.uncond_span
 
 
+CHUNK_TOKENS = 77  # one prompt chunk; the host pads a shorter conditioning with whole empty chunks
+COND, UNCOND, BOTH, NEITHER = 1, 0, 2, -1  # what a row's text conditioning matches
+
+
+@dataclass
+class CallRecord:
+    """Which rows of one UNet call (or one direct call of its blocks) were told apart how: for tests and status."""
+
+    step: int
+    batch: int
+    cond: list[int]
+    uncond: list[int]
+    unplaced: list[int]
+
+
 class RowTracker:
     """Knows which rows of each UNet call are conditional during sampling.
 
-    The host's CFG denoiser lays out each step's batch as all conditional rows first, then the unconditional
-    ones, and runs it as one UNet call or as consecutive slices (cond and uncond apart, chunks of batch size,
-    the uncond rows left out on skipped steps). Told at the start of a step how many conditional rows there
-    are, the tracker counts rows as the UNet calls arrive.
+    Each step the host's CFG denoiser says (``on_cfg_denoiser``) what the conditional rows are conditioned on
+    (``text_cond``) and what the unconditional ones are (``text_uncond``). A cross-attention call's own
+    conditioning (``context``) then tells, row by row, which kind each row is: a row is conditional when its text
+    matches a row of ``text_cond``, unconditional when it matches one of ``text_uncond``. That holds for every
+    call pattern: the host's (cond and uncond in one call or apart, chunks, AND, batch > 1, skipped uncond), and
+    other extensions' (tiles, AnimateDiff windows, SAG's extra uncond pass, ControlNet's direct block calls). A
+    row that matches neither (an extension built its own conditioning) is left alone and counted.
+
+    "Matches" allows for what the host and ControlNet do to a conditioning on the way to the UNet: the host pads
+    the shorter of cond/uncond with whole empty chunks (the row then starts with the reference), ControlNet
+    prepends a marker token and strips it inside its UNet (the row is then the reference without its first token).
+
+    A row whose text matches both (the prompt and the negative prompt are the same text) cannot be told apart by
+    its text: it gets the kind the host's layout gives its position (all conditional rows first, then the
+    unconditional ones, counted as the UNet calls arrive), and only when the cross-attention call belongs to the
+    UNet call that was counted (same conditioning storage, same batch). Where the text is the same, the only
+    difference between such a cond and uncond row is that position, so the layout is exactly what the host's CFG
+    uses to combine them; a call the layout does not cover leaves such rows alone (counted).
+
+    Without text (``begin_step`` given none: the core tests' plain layouts, benchmarks) every row is placed by
+    the layout alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         self.n_cond: int | None = None
         self.n_total = 0
         self.offset = 0
+        self.step = 0
         self.progress = 0.0
-        self.unknown_calls = 0
-        self._cache: dict[tuple[int, int, int, torch.device], Rows] = {}  # the same few layouts every step
+        self.unknown_calls = 0  # calls (or direct block calls) with at least one row left alone
+        self.unplaced_rows = 0
+        self.record = record
+        self.records: list[CallRecord] = []
+        self._text_source: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._text: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._call_context: torch.Tensor | None = None
+        self._call_layout: torch.Tensor | None = None  # the layout's kinds for the rows of the counted call
+        self._seen: list[tuple[torch.Tensor, int, Rows]] = []  # conditionings classified since the last UNet call
 
-    def begin_step(self, n_cond: int, n_total: int, step: int, total_steps: int) -> None:
+    def begin_step(
+        self, n_cond: int, n_total: int, step: int, total_steps: int,
+        text: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """A new sampling step: `n_cond` of `n_total` rows conditional; `text` gives (text_cond, text_uncond) when
+        called (read at the first cross-attention call, after every other extension's callback changed them)."""
         self.n_cond, self.n_total, self.offset = n_cond, n_total, 0
+        self.step = step
         self.progress = step / total_steps if total_steps > 0 else 0.0
+        self._text_source, self._text = text, None
+        self._call_context, self._call_layout = None, None
+        self._seen.clear()
 
-    def take(self, batch: int, device: torch.device) -> Rows | None:
-        """Rows of the next UNet call, or None when the call is not part of the known layout."""
+    def take(self, batch: int, device: torch.device, context: torch.Tensor | None = None) -> None:
+        """A UNet call begins (its forward pre-hook): count its rows in the host's layout."""
+        self._seen.clear()
         start = self.offset
+        self._call_context = context
         if self.n_cond is None or start + batch > self.n_total:
-            self.unknown_calls += 1
-            return None
+            self._call_layout = None
+            return
         self.offset += batch
-        key = (start, batch, self.n_cond, device)
-        rows = self._cache.get(key)
-        if rows is None:
-            index = torch.arange(start, start + batch)
-            rows = self._cache[key] = _rows(index < self.n_cond, device)
-        return rows
+        self._call_layout = torch.arange(start, start + batch) < self.n_cond
+
+    def rows(self, context: torch.Tensor | None, batch: int, device: torch.device) -> Rows | None:
+        """Rows of a cross-attention call with conditioning `context` (``[batch, tokens, dim]``) by kind, or None
+        when no row can be placed."""
+        for seen, version, rows in self._seen:
+            if seen is context and version == _version(context):
+                return rows
+        kinds = self._kinds(context, batch)
+        rows = _rows_of_kinds(kinds, device)
+        if context is not None:
+            self._seen.append((context, _version(context), rows))  # held: its identity cannot be reused meanwhile
+        unplaced = [i for i, k in enumerate(kinds) if k == NEITHER]
+        if unplaced:
+            self.unknown_calls += 1
+            self.unplaced_rows += len(unplaced)
+        if self.record:
+            self.records.append(CallRecord(
+                self.step, batch, [i for i, k in enumerate(kinds) if k == COND],
+                [i for i, k in enumerate(kinds) if k == UNCOND], unplaced,
+            ))
+        return rows if rows.cond is not None or rows.uncond is not None else None
+
+    def _kinds(self, context: torch.Tensor | None, batch: int) -> list[int]:
+        text = self._step_text()
+        kinds = [BOTH] * batch if text is None or context is None else _text_kinds(context, *text)
+        if BOTH in kinds:
+            layout = self._layout_for(context, batch)
+            kinds = [(int(layout[i]) if layout is not None else NEITHER) if k == BOTH else k for i, k in enumerate(kinds)]
+        return kinds
+
+    def _layout_for(self, context: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The layout's kinds, when this cross-attention call belongs to the UNet call that was counted."""
+        layout, call = self._call_layout, self._call_context
+        if layout is None or len(layout) != batch:
+            return None
+        if context is not None and call is not None and not _same_storage(context, call):
+            return None  # a call of its own (another extension's), not the one the layout counted
+        return layout
+
+    def _step_text(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._text is None and self._text_source is not None:
+            self._text = self._text_source()
+        return self._text
+
+
+def _version(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place)
+        return 0
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _text_kinds(context: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> list[int]:
+    """For each row of `context`, whether its text matches a row of `cond`, of `uncond`, both or neither."""
+    is_cond = _matches(context, cond).any(dim=1).tolist()
+    is_uncond = _matches(context, uncond).any(dim=1).tolist()
+    return [BOTH if c and u else COND if c else UNCOND if u else NEITHER for c, u in zip(is_cond, is_uncond, strict=True)]
+
+
+def _matches(rows: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), len(refs)]``: row i's text is ref j's, allowing for the host's padding (whole empty chunks
+    appended to the shorter) and a few marker tokens prepended to the longer (ControlNet's)."""
+    refs = refs.to(rows.device, rows.dtype)
+    length, ref_length = rows.shape[1], refs.shape[1]
+    n = min(length, ref_length)
+    found = _equal_pairs(rows[:, :n], refs[:, :n])
+    if 0 < abs(length - ref_length) < CHUNK_TOKENS:
+        found |= _equal_pairs(rows[:, length - n :], refs[:, ref_length - n :])
+    return found
+
+
+def _equal_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[len(a), len(b)]``: which pairs of ``[tokens, dim]`` tensors are equal, exactly (a cheap exact test on a
+    few channels first, then the whole tensors for the pairs that pass)."""
+    probe = (a[:, None, :, :8] == b[None, :, :, :8]).flatten(2).all(dim=2)
+    for i, j in probe.nonzero().tolist():
+        probe[i, j] = torch.equal(a[i], b[j])
+    return probe.cpu()
+
+
+def _rows_of_kinds(kinds: list[int], device: torch.device) -> Rows:
+    if all(k in (COND, UNCOND) for k in kinds):
+        return _rows(torch.tensor([k == COND for k in kinds], dtype=torch.bool), device)
+    cond = torch.tensor([i for i, k in enumerate(kinds) if k == COND], dtype=torch.long)
+    uncond = torch.tensor([i for i, k in enumerate(kinds) if k == UNCOND], dtype=torch.long)
+    return Rows(
+        cond.to(device) if len(cond) else None, uncond.to(device) if len(uncond) else None, len(kinds),
+        _span(cond), _span(uncond),
+    )
 
 
 class AllConditional:
@@ -220,7 +363,10 @@ class AllConditional:
     progress = 0.0
     unknown_calls = 0
 
-    def take(self, batch: int, device: torch.device) -> Rows:
+    def take(self, batch: int, device: torch.device, context: torch.Tensor | None = None) -> None:
+        pass
+
+    def rows(self, context: torch.Tensor | None, batch: int, device: torch.device) -> Rows:
         if batch == 0:
             return Rows(None, None, 0)
         return Rows(_all(batch, device), None, batch, cond_span=slice(0, batch))
@@ -259,7 +405,7 @@ class _SiteEntry:
     strength: float  # scale · site weight
     index: int  # the site's row in the context's tokens
     folded: FoldedSite | None = None  # cached for tokens that do not train
-    folded_for: tuple[int, torch.dtype] | None = None  # to_q's weight storage and dtype it was folded with
+    folded_for: tuple | None = None  # the projections' storage, dtype and versions it was folded with
 
 
 @dataclass
@@ -276,7 +422,6 @@ class InjectionSession:
     sites: list[Site] | None = None
     _entries: list[list[_SiteEntry]] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
-    _rows: Rows | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.sites is None:
@@ -319,26 +464,27 @@ class InjectionSession:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        self._rows = None
 
     def _on_unet_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["x"]
-        self._rows = self.tracker.take(int(x.shape[0]), x.device)
+        x = args[0] if args else kwargs.get("x", kwargs.get("sample"))
+        context = args[2] if len(args) > 2 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
+        self.tracker.take(int(x.shape[0]), x.device, context if isinstance(context, torch.Tensor) else None)
 
     def _site_hook(self, site: Site):
         entries = self._entries[site.index]
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-            rows = self._rows
+            x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+            rows = self.tracker.rows(_site_context(args, kwargs), int(x.shape[0]), x.device)
             if rows is None:
                 return None
-            x = args[0] if args else kwargs["x"]
             progress = self.tracker.progress
             in_place = not torch.is_grad_enabled()  # generation: the output is ours until returned
             for entry in entries:
                 index = rows.for_mode(entry.activation.mode)
                 if index is None or not entry.activation.active_at(progress):
                     continue
+                entry.activation.reached = True
                 folded = self._folded(module, entry)
                 span = rows.span_for_mode(entry.activation.mode)
                 if len(index) == rows.batch:
@@ -360,10 +506,22 @@ class InjectionSession:
         tokens = entry.activation.context.tokens
         if tokens.requires_grad:  # training: the tokens change every step
             return fold_site(module, tokens[entry.index], entry.strength)
-        weight = module.to_q.weight
-        key = (weight.data_ptr(), weight.dtype)  # a move to another device or dtype gives new storage
+        key = _weights_key(module)
         if entry.folded is None or entry.folded_for != key:
             with torch.no_grad():
                 entry.folded = fold_site(module, tokens[entry.index], entry.strength)
             entry.folded_for = key
         return entry.folded
+
+
+def _site_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The text conditioning a cross-attention call got (ldm names it `context`, diffusers `encoder_hidden_states`)."""
+    context = args[1] if len(args) > 1 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
+    return context if isinstance(context, torch.Tensor) else None
+
+
+def _weights_key(module: torch.nn.Module) -> tuple:
+    """What the folded keys/values depend on: the projections' storage, dtype and in-place edits (the host's Lora
+    writes its weights into the same storage with ``copy_``, which bumps the version counter)."""
+    tensors = [module.to_q.weight, module.to_q.bias, module.to_k.weight, module.to_v.weight, module.to_out[0].weight]
+    return tuple((t.data_ptr(), t.dtype, _version(t)) for t in tensors if t is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modules import extra_networks, script_callbacks, ui_extra_networks
 
-from lib_anima.webui import api, generation, settings, ui_train
+from lib_anima.webui import api, debug, generation, settings, ui_train
 from lib_anima.webui.network import ExtraNetworkAnima
 from lib_anima.webui.page import ExtraNetworksPageAnima
 
@@ -16,6 +16,7 @@ def _before_ui() -> None:
 
 def _app_started(_demo, app) -> None:
     api.add_routes(app)
+    debug.add_routes(app)
 
 
 def register() -> None:

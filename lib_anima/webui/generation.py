@@ -3,7 +3,11 @@
 The script's ``process`` and the extra network's ``activate`` both record their units on the processing object
 ``p`` and make sure ``p.sample`` is wrapped. The wrapper installs the hooks just before sampling and removes
 them in ``finally`` (success, exception, interrupt). The host's ``on_cfg_denoiser`` callback tells the tracker,
-each step, how many rows of the coming UNet calls are conditional.
+each step, what the conditional and unconditional rows are conditioned on (and the host's layout), so that every
+cross-attention call finds its own rows (:class:`lib_anima.inject.RowTracker`).
+
+Never silent: rows the tracker could not place are reported once per image in ``Anima warnings``, and an
+``Anima N`` infotext entry is written only for a context that reached at least one UNet call.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import logging
 
 from lib_anima import infotext
 from lib_anima.errors import AnimaError
-from lib_anima.inject import Activation, InjectionSession, RowTracker
+from lib_anima.inject import Activation, CallRecord, InjectionSession, RowTracker
 from lib_anima.units import ContextUnit
 from lib_anima.webui import store
 
 log = logging.getLogger("anima")
 
 _active_run: RunState | None = None
+record_rows = False  # set by --anima-debug-rows: keep each run's CallRecords for tests (webui/debug.py)
+last_records: list[CallRecord] = []
+last_reached: dict[str, bool] = {}
 
 
 class RunState:
@@ -29,7 +36,8 @@ class RunState:
         self.prompt: list[ContextUnit] = []
         self.in_memory: list[Activation] = []  # contexts not in the library (training previews)
         self.session: InjectionSession | None = None
-        self.tracker = RowTracker()
+        self.tracker = RowTracker(record=record_rows)
+        self.applied: list[tuple[ContextUnit, str, Activation]] = []
         self.sampling = False
         self.p = None  # the processing object while it samples
         self.warned: set[str] = set()
@@ -56,11 +64,33 @@ class RunState:
 
     def stop(self) -> None:
         global _active_run
+        p, self.p = self.p, None
         self.sampling = False
-        self.p = None
         self.uninstall()
         if _active_run is self:
             _active_run = None
+        if p is not None:
+            self.report(p)
+
+    def report(self, p) -> None:
+        """After sampling: infotext entries only for contexts that reached a UNet call; unplaced rows as a warning."""
+        global last_records, last_reached
+        for key in [k for k in p.extra_generation_params if infotext.is_entry_key(k)]:
+            del p.extra_generation_params[key]
+        reached = [(unit, shorthash) for unit, shorthash, act in self.applied if act.reached]
+        p.extra_generation_params.update(infotext.generation_params(reached))
+        for unit, _, act in self.applied:
+            if not act.reached:
+                self.warn(p, f"{unit.name} reached no UNet call (its start/end window held no step, or no row "
+                             "could be placed); it is left out of the infotext")
+        tracker = self.tracker
+        if tracker.unknown_calls:
+            self.warn(p, f"{tracker.unplaced_rows} row(s) in {tracker.unknown_calls} UNet call(s) got no context: "
+                         "their text conditioning matched neither the prompt nor the negative prompt (another "
+                         "extension built its own, e.g. per-region or per-tile prompts)")
+        if tracker.record:
+            last_records = list(tracker.records)
+            last_reached = {unit.name: act.reached for unit, _, act in self.applied}
 
     def uninstall(self) -> None:
         session, self.session = self.session, None
@@ -74,18 +104,22 @@ class RunState:
         units = self.units()
         if unet is None or not (units or self.in_memory):
             return
-        activations, applied = list(self.in_memory), []
+        activations = list(self.in_memory)
+        reached = {unit.name: act.reached for unit, _, act in self.applied}  # a reinstall (hires, refiner) keeps it
+        self.applied = []
         for unit in units:
             activation = self._activation(p, unit, unet)
             if activation is not None:
+                activation.reached = reached.get(unit.name, False)
                 activations.append(activation)
-                applied.append((unit, activation.context.shorthash))
+                self.applied.append((unit, activation.context.shorthash, activation))
         if not activations:
             return
         session = InjectionSession(unet, activations, self.tracker)
         session.install()
         self.session = session
-        p.extra_generation_params.update(infotext.generation_params(applied))
+        # written now (hires and other passes read it before sampling ends); report() keeps only what reached a call
+        p.extra_generation_params.update(infotext.generation_params([(u, h) for u, h, _ in self.applied]))
 
     def _activation(self, p, unit: ContextUnit, unet) -> Activation | None:
         try:
@@ -103,9 +137,18 @@ class RunState:
             # the refiner (or another checkpoint) took over mid-run: re-check the contexts against it
             self.warn(p, "the model changed during sampling; contexts were re-checked against the new model")
             self.install(p)
-        cond = params.text_cond
-        n_cond = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
-        self.tracker.begin_step(int(n_cond), int(params.x.shape[0]), int(params.sampling_step), int(params.total_sampling_steps))
+        n_cond = _crossattn(params.text_cond).shape[0]
+
+        def text():  # read at the first cross-attention call: after every other extension's callback changed them
+            return _crossattn(params.text_cond), _crossattn(params.text_uncond)
+
+        self.tracker.begin_step(int(n_cond), int(params.x.shape[0]), int(params.sampling_step),
+                                int(params.total_sampling_steps), text=text)
+
+
+def _crossattn(cond):
+    """The cross-attention part of a conditioning (SDXL's is a dict with the pooled ``vector`` beside it)."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
 def run_state(p) -> RunState:

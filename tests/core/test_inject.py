@@ -413,7 +413,10 @@ class _Gathered:
     progress = 0.0
     unknown_calls = 0
 
-    def take(self, batch, device):
+    def take(self, batch, device, context=None):
+        pass
+
+    def rows(self, context, batch, device):
         from lib_anima.inject import _rows
 
         return _rows(torch.tensor([True, False, True, False][:batch]), device)

@@ -76,8 +76,15 @@ wait_port_free() {  # a stopped server's socket can linger for a moment
     done
     log "port $1 is still in use"; return 1
 }
+remove_thirdparty() {  # the copies ../shared/host/thirdparty/install.sh made (each carries THIRDPARTY_SOURCE.txt)
+    for dir in "$WEBUI_HOST_DIR"/extensions/*/; do
+        [ -f "$dir/THIRDPARTY_SOURCE.txt" ] && rm -rf "$dir"
+    done
+    return 0
+}
 trap stop_host EXIT
 stop_host
+remove_thirdparty  # the baseline and the main suite run next to no other extension
 
 log "baseline images from the host WITHOUT the extension"
 rm -f "$EXT_LINK" "$FAULT_LINK"
@@ -90,6 +97,34 @@ stop_host
 log "host WITH the extension"
 ln -sfn "$ROOT" "$EXT_LINK"
 ln -sfn "$ROOT/tests/fixtures/anima_fault_ext" "$FAULT_LINK"
-start_host "$PORT"
+WEBUI_ARGS="--anima-debug-rows" start_host "$PORT"
 export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
-python -m pytest tests -q -rs --durations=15 "$@"
+set +e
+python -m pytest tests -q -rs --durations=15 --ignore=tests/thirdparty "$@"
+rc=$?
+set -e
+
+log "next to third-party extensions (../shared/host/thirdparty: Tiled Diffusion, ControlNet, SAG, ...)"
+stop_host
+THIRDPARTY="$SHARED_HOST/thirdparty"
+set +e
+bash "$THIRDPARTY/install.sh" "$WEBUI_HOST_DIR"
+tp_rc=$?
+set -e
+[ "$tp_rc" = 0 ] || [ "$tp_rc" = 3 ] || { log "third-party install failed ($tp_rc)"; exit "$tp_rc"; }
+ANIMA_THIRDPARTY="$(grep -v '^#' "$THIRDPARTY/extensions.tsv" | while IFS=$'\t' read -r name dir _; do
+    [ -f "$WEBUI_HOST_DIR/extensions/$dir/THIRDPARTY_SOURCE.txt" ] && printf '%s ' "$name"; done)"
+export ANIMA_THIRDPARTY
+TP_SKIP_LINE="THIRD-PARTY TESTS PARTLY SKIPPED: installed only [${ANIMA_THIRDPARTY% }] of the extensions in $THIRDPARTY/extensions.tsv; the rest have no source under $WEBUI_SOURCES/extensions (its README says how to get each)."
+[ "$tp_rc" = 0 ] || loud "$TP_SKIP_LINE"
+WEBUI_ARGS="--anima-debug-rows --ad-no-huggingface" start_host "$PORT"
+set +e
+python -m pytest tests/thirdparty -q -rs "$@"
+tp_tests_rc=$?
+set -e
+[ "$tp_tests_rc" = 5 ] && [ $# -gt 0 ] && tp_tests_rc=0  # a -k for the main suite may select none here
+stop_host
+remove_thirdparty
+[ "$tp_rc" = 0 ] || loud "$TP_SKIP_LINE"
+[ "$rc" = 0 ] || exit "$rc"
+exit "$tp_tests_rc"

@@ -111,36 +111,60 @@ class FoldedSite:
     heads: int
 
 
-def fold_site(attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0) -> FoldedSite:
+def fold_site(
+    attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0, dtype: torch.dtype | None = None
+) -> FoldedSite:
     """Fold `tokens` (``[n, context_dim]``) and `strength` into the projections of site `attn`; autograd reaches
-    the tokens."""
+    the tokens. `dtype` (default: the site's) is what the folding computes in (float32 to upcast a half model)."""
     w_q = attn.to_q.weight  # [inner, C_in]
+    dtype = dtype or w_q.dtype
     inner, c_in = w_q.shape
     heads = int(attn.heads)
     d = inner // heads
-    t = tokens.to(w_q.device, w_q.dtype)
-    k = attn.to_k(t).view(-1, heads, d)  # [n, heads, d]
-    v = attn.to_v(t).view(-1, heads, d)
+    t = tokens.to(w_q.device, dtype)
+    k = _project(attn.to_k, t).view(-1, heads, d)  # [n, heads, d]
+    v = _project(attn.to_v, t).view(-1, heads, d)
     scale = float(getattr(attn, "scale", d**-0.5))
-    qk = torch.einsum("hdc,nhd->cnh", w_q.view(heads, d, c_in), k).reshape(c_in, -1) * scale
+    qk = torch.einsum("hdc,nhd->cnh", w_q.to(dtype).view(heads, d, c_in), k).reshape(c_in, -1) * scale
     bias = attn.to_q.bias
-    qk_bias = None if bias is None else torch.einsum("hd,nhd->nh", bias.view(heads, d), k).reshape(-1) * scale
-    w_out = attn.to_out[0].weight  # [C_out, inner]
+    qk_bias = None if bias is None else torch.einsum("hd,nhd->nh", bias.to(dtype).view(heads, d), k).reshape(-1) * scale
+    w_out = attn.to_out[0].weight.to(dtype)  # [C_out, inner]
     vo = torch.einsum("nhd,ohd->nho", v, w_out.view(-1, heads, d)).reshape(-1, w_out.shape[0])
     if strength != 1.0:
         vo = vo * strength
     return FoldedSite(qk, qk_bias, vo, heads)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _project(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """`linear` applied to `t`: through the module (what the host's Lora patches) in its own dtype, else the same
+    product in `t`'s dtype."""
+    if linear.weight.dtype == t.dtype:
+        return linear(t)
+    bias = None if linear.bias is None else linear.bias.to(t.dtype)
+    return F.linear(t, linear.weight.to(t.dtype), bias)
+
+
 def folded_attention(
-    x: torch.Tensor, folded: FoldedSite, add_to: torch.Tensor | None = None, in_place: bool = False
+    x: torch.Tensor, folded: FoldedSite, add_to: torch.Tensor | None = None, in_place: bool = False,
+    upcast: bool = False,
 ) -> torch.Tensor:
     """``strength · W_out · Attn(to_q(x), k, v)`` from the folded form (softmax over each head's tokens, then one
     product), added to `add_to` (same shape as the result) in the same product when given.
 
     `in_place` adds into `add_to` itself (no copy of the site's output; only without autograd, where nothing
-    else holds it yet) when its dtype and layout allow, and returns it.
+    else holds it yet) when its dtype and layout allow, and returns it. `upcast` (the host's "upcast cross
+    attention layer to float32") computes a half-precision term in float32 and rounds only the sum.
     """
+    if upcast and x.dtype in HALF:
+        term = folded_attention(x.float(), folded)
+        if add_to is None:
+            return term.to(x.dtype)
+        if in_place:
+            return add_to.add_(term.to(add_to.dtype))
+        return add_to + term.to(add_to.dtype)
     qk = folded.qk.to(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     if folded.qk_bias is None:
@@ -420,6 +444,7 @@ class InjectionSession:
     activations: list[Activation]
     tracker: RowTracker | AllConditional = field(default_factory=AllConditional)
     sites: list[Site] | None = None
+    upcast: bool = False  # the host's "upcast cross attention layer to float32"
     _entries: list[list[_SiteEntry]] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
 
@@ -487,29 +512,31 @@ class InjectionSession:
                 entry.activation.reached = True
                 folded = self._folded(module, entry)
                 span = rows.span_for_mode(entry.activation.mode)
+                upcast = self.upcast
                 if len(index) == rows.batch:
-                    output = folded_attention(x, folded, add_to=output, in_place=in_place)
+                    output = folded_attention(x, folded, add_to=output, in_place=in_place, upcast=upcast)
                 elif span is not None:  # views and one product-and-sum: the other rows stay bit-exact
                     target = output[span]
-                    part = folded_attention(x[span], folded, add_to=target, in_place=in_place)
+                    part = folded_attention(x[span], folded, add_to=target, in_place=in_place, upcast=upcast)
                     if part is not target:  # not added in place
                         output = torch.cat([output[: span.start], part, output[span.stop :]])
                 else:  # the same arithmetic on gathered rows (the sum comes back in the output's dtype)
-                    part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index))
+                    part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index),
+                                            upcast=upcast)
                     output = output.index_copy_(0, index, part) if in_place else output.index_copy(0, index, part)
             return output
 
         return hook
 
-    @staticmethod
-    def _folded(module: torch.nn.Module, entry: _SiteEntry) -> FoldedSite:
+    def _folded(self, module: torch.nn.Module, entry: _SiteEntry) -> FoldedSite:
         tokens = entry.activation.context.tokens
+        dtype = torch.float32 if self.upcast and module.to_q.weight.dtype in HALF else None
         if tokens.requires_grad:  # training: the tokens change every step
-            return fold_site(module, tokens[entry.index], entry.strength)
+            return fold_site(module, tokens[entry.index], entry.strength, dtype)
         key = _weights_key(module)
         if entry.folded is None or entry.folded_for != key:
             with torch.no_grad():
-                entry.folded = fold_site(module, tokens[entry.index], entry.strength)
+                entry.folded = fold_site(module, tokens[entry.index], entry.strength, dtype)
             entry.folded_for = key
         return entry.folded
 

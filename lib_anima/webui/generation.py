@@ -115,7 +115,7 @@ class RunState:
                 self.applied.append((unit, activation.context.shorthash, activation))
         if not activations:
             return
-        session = InjectionSession(unet, activations, self.tracker)
+        session = InjectionSession(unet, activations, self.tracker, upcast=_upcast_attention())
         session.install()
         self.session = session
         # written now (hires and other passes read it before sampling ends); report() keeps only what reached a call
@@ -144,6 +144,12 @@ class RunState:
 
         self.tracker.begin_step(int(n_cond), int(params.x.shape[0]), int(params.sampling_step),
                                 int(params.total_sampling_steps), text=text)
+
+
+def _upcast_attention() -> bool:
+    from modules import shared
+
+    return bool(getattr(shared.opts, "upcast_attn", False))
 
 
 def _crossattn(cond):

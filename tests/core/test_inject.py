@@ -825,3 +825,34 @@ def test_token_gradient_matches_reference_formula(sd1_sites):
     (clean + 1.3 * (out @ W.double().T)).pow(2).sum().backward()
     assert got.abs().max() > 1e-4
     torch.testing.assert_close(got, ref_tokens.grad.float(), atol=1e-5, rtol=1e-4)
+
+
+# ---- the host's "upcast cross attention layer to float32" -----------------------------------------------------
+
+
+def test_upcast_computes_a_half_precision_term_in_float32(sd1_sites):
+    """With the host's upcast option a bfloat16 site's term is computed in float32 and rounded once: closer to a
+    float64 reference than the all-half path, within one rounding of the result, and what the session adds."""
+    import copy
+
+    attn = copy.deepcopy(sd1_sites[3].module).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(21)
+    tokens = torch.randn(N_TOKENS, CTX_DIM, generator=g).to(torch.bfloat16).float()  # values both paths see
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=g).to(torch.bfloat16)
+    reference = reference_delta(attn, x, tokens).double()
+    with torch.no_grad():
+        upcast = folded_attention(x, fold_site(attn, tokens, dtype=torch.float32), upcast=True)
+        half = folded_attention(x, fold_site(attn, tokens))
+    assert upcast.dtype == half.dtype == torch.bfloat16
+    err_upcast = (upcast.double() - reference).abs().max().item()
+    err_half = (half.double() - reference).abs().max().item()
+    assert err_upcast < err_half, (err_upcast, err_half)
+    assert err_upcast <= reference.abs().max().item() * 2**-7  # one bfloat16 rounding of the result
+
+    model = OneSite(attn)
+    context = torch.randn(2, 7, CTX_DIM, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        clean = model(x, context)
+        with InjectionSession(model, [Activation(one_site_context(tokens), scale=1.0)], upcast=True):
+            hooked = model(x, context)
+    assert torch.equal(hooked, clean + upcast)

@@ -182,21 +182,28 @@ def test_batching_layouts_give_the_same_image(ctx):
 
 
 def test_and_prompts_hires_skip_uncond_and_img2img(ctx):
+    """Each layout changes the image, and the term lands on the right rows of every UNet call."""
     name = ctx["name"]
     plain_and = txt2img("a dog AND a cat")
     with_and = txt2img(f"a dog AND a cat <anima:{name}:1>")
     assert mean_diff(with_and.pixels(), plain_and.pixels()) > 1.0
+    client.assert_rows({3: ([0, 1], [2])})  # two sub-prompts, then the negative
     hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3)
     plain_hr = txt2img(**hires)
     ctx_hr = txt2img(f"a photo of a dog <anima:{name}:1>", **hires)
     assert plain_hr.pixels().shape == (96, 96, 3)
     assert mean_diff(ctx_hr.pixels(), plain_hr.pixels()) > 1.0
+    assert len({c["step"] for c in client.assert_rows({2: ([0], [1])})}) >= 4  # both passes' steps
+    plain_ngms = txt2img(s_min_uncond=100.0, steps=6)
     ngms = txt2img(f"a photo of a dog <anima:{name}:1>", s_min_uncond=100.0, steps=6)  # uncond skipped on odd steps
-    assert mean_diff(ngms.pixels(), txt2img(s_min_uncond=100.0, steps=6).pixels()) > 1.0
+    assert mean_diff(ngms.pixels(), plain_ngms.pixels()) > 1.0
+    calls = client.assert_rows({2: ([0], [1]), 1: ([0], [])})
+    assert {c["batch"] for c in calls} == {1, 2}, "some steps skip the uncond row"
     init = plain_and.png_b64[0]
     plain_i2i = client.img2img(init, "a cat")
     ctx_i2i = client.img2img(init, f"a cat <anima:{name}:1>")
     assert mean_diff(ctx_i2i.pixels(), plain_i2i.pixels()) > 1.0
+    client.assert_rows({2: ([0], [1])})
     assert client.status()["hooks_installed"] == 0
 
 

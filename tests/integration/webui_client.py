@@ -76,6 +76,25 @@ def status() -> dict:
     return r.json()
 
 
+def last_rows() -> dict:
+    """Which rows of each UNet call of the last generation were cond / uncond / left alone (the host runs with
+    --anima-debug-rows: tests/run.sh starts it so), and whether each context reached a call."""
+    r = get("/anima/v1/debug/rows")
+    assert r.status_code == 200, "the host must run with --anima-debug-rows (tests/run.sh starts it so)"
+    return r.json()
+
+
+def assert_rows(expected: dict[int, tuple[list[int], list[int]]]) -> list[dict]:
+    """Every UNet call of the last generation has, for its batch size, the expected (cond rows, uncond rows), and
+    nothing unplaced; returns the calls."""
+    calls = last_rows()["calls"]
+    assert calls, "no UNet call was recorded"
+    for call in calls:
+        assert call["batch"] in expected, call
+        assert (call["cond"], call["uncond"], call["unplaced"]) == (*expected[call["batch"]], []), call
+    return calls
+
+
 def set_checkpoint(name: str) -> None:
     r = post("/sdapi/v1/options", {"sd_model_checkpoint": name})
     assert r.status_code == 200, r.text

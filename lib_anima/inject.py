@@ -224,7 +224,7 @@ class RowTracker:
 
     Each step the host's CFG denoiser says (``on_cfg_denoiser``) what the conditional rows are conditioned on
     (``text_cond``) and what the unconditional ones are (``text_uncond``). A cross-attention call's own
-    conditioning (``context``) then tells, row by row, which kind each row is: a row is conditional when its text
+    conditioning (its ``context`` argument) then tells, row by row, which kind each row is: a row is conditional when its text
     matches a row of ``text_cond``, unconditional when it matches one of ``text_uncond``. That holds for every
     call pattern: the host's (cond and uncond in one call or apart, chunks, AND, batch > 1, skipped uncond), and
     other extensions' (tiles, AnimateDiff windows, SAG's extra uncond pass, ControlNet's direct block calls). A
@@ -257,7 +257,7 @@ class RowTracker:
         self.records: list[CallRecord] = []
         self._text_source: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._call_context: torch.Tensor | None = None
+        self._call_text: torch.Tensor | None = None
         self._call_layout: torch.Tensor | None = None  # the layout's kinds for the rows of the counted call
         self._seen: list[tuple[torch.Tensor, int, Rows]] = []  # conditionings classified since the last UNet call
 
@@ -271,30 +271,30 @@ class RowTracker:
         self.step = step
         self.progress = step / total_steps if total_steps > 0 else 0.0
         self._text_source, self._text = text, None
-        self._call_context, self._call_layout = None, None
+        self._call_text, self._call_layout = None, None
         self._seen.clear()
 
-    def take(self, batch: int, device: torch.device, context: torch.Tensor | None = None) -> None:
+    def take(self, batch: int, device: torch.device, text_rows: torch.Tensor | None = None) -> None:
         """A UNet call begins (its forward pre-hook): count its rows in the host's layout."""
         self._seen.clear()
         start = self.offset
-        self._call_context = context
+        self._call_text = text_rows
         if self.n_cond is None or start + batch > self.n_total:
             self._call_layout = None
             return
         self.offset += batch
         self._call_layout = torch.arange(start, start + batch) < self.n_cond
 
-    def rows(self, context: torch.Tensor | None, batch: int, device: torch.device) -> Rows | None:
-        """Rows of a cross-attention call with conditioning `context` (``[batch, tokens, dim]``) by kind, or None
+    def rows(self, text_rows: torch.Tensor | None, batch: int, device: torch.device) -> Rows | None:
+        """Rows of a cross-attention call with conditioning `text_rows` (``[batch, tokens, dim]``) by kind, or None
         when no row can be placed."""
         for seen, version, rows in self._seen:
-            if seen is context and version == _version(context):
+            if seen is text_rows and version == _version(text_rows):
                 return rows
-        kinds = self._kinds(context, batch)
+        kinds = self._kinds(text_rows, batch)
         rows = _rows_of_kinds(kinds, device)
-        if context is not None:
-            self._seen.append((context, _version(context), rows))  # held: its identity cannot be reused meanwhile
+        if text_rows is not None:
+            self._seen.append((text_rows, _version(text_rows), rows))  # held: its identity cannot be reused meanwhile
         unplaced = [i for i, k in enumerate(kinds) if k == NEITHER]
         if unplaced:
             self.unknown_calls += 1
@@ -306,20 +306,20 @@ class RowTracker:
             ))
         return rows if rows.cond is not None or rows.uncond is not None else None
 
-    def _kinds(self, context: torch.Tensor | None, batch: int) -> list[int]:
+    def _kinds(self, text_rows: torch.Tensor | None, batch: int) -> list[int]:
         text = self._step_text()
-        kinds = [BOTH] * batch if text is None or context is None else _text_kinds(context, *text)
+        kinds = [BOTH] * batch if text is None or text_rows is None else _text_kinds(text_rows, *text)
         if BOTH in kinds:
-            layout = self._layout_for(context, batch)
+            layout = self._layout_for(text_rows, batch)
             kinds = [(int(layout[i]) if layout is not None else NEITHER) if k == BOTH else k for i, k in enumerate(kinds)]
         return kinds
 
-    def _layout_for(self, context: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    def _layout_for(self, text_rows: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The layout's kinds, when this cross-attention call belongs to the UNet call that was counted."""
-        layout, call = self._call_layout, self._call_context
+        layout, call = self._call_layout, self._call_text
         if layout is None or len(layout) != batch:
             return None
-        if context is not None and call is not None and not _same_storage(context, call):
+        if text_rows is not None and call is not None and not _same_storage(text_rows, call):
             return None  # a call of its own (another extension's), not the one the layout counted
         return layout
 
@@ -342,10 +342,10 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _text_kinds(context: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> list[int]:
-    """For each row of `context`, whether its text matches a row of `cond`, of `uncond`, both or neither."""
-    is_cond = _matches(context, cond).any(dim=1).tolist()
-    is_uncond = _matches(context, uncond).any(dim=1).tolist()
+def _text_kinds(text_rows: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> list[int]:
+    """For each row of `text_rows`, whether its text matches a row of `cond`, of `uncond`, both or neither."""
+    is_cond = _matches(text_rows, cond).any(dim=1).tolist()
+    is_uncond = _matches(text_rows, uncond).any(dim=1).tolist()
     return [BOTH if c and u else COND if c else UNCOND if u else NEITHER for c, u in zip(is_cond, is_uncond, strict=True)]
 
 
@@ -387,10 +387,10 @@ class AllConditional:
     progress = 0.0
     unknown_calls = 0
 
-    def take(self, batch: int, device: torch.device, context: torch.Tensor | None = None) -> None:
+    def take(self, batch: int, device: torch.device, text_rows: torch.Tensor | None = None) -> None:
         pass
 
-    def rows(self, context: torch.Tensor | None, batch: int, device: torch.device) -> Rows:
+    def rows(self, text_rows: torch.Tensor | None, batch: int, device: torch.device) -> Rows:
         if batch == 0:
             return Rows(None, None, 0)
         return Rows(_all(batch, device), None, batch, cond_span=slice(0, batch))
@@ -492,15 +492,15 @@ class InjectionSession:
 
     def _on_unet_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("x", kwargs.get("sample"))
-        context = args[2] if len(args) > 2 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
-        self.tracker.take(int(x.shape[0]), x.device, context if isinstance(context, torch.Tensor) else None)
+        text_rows = args[2] if len(args) > 2 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
+        self.tracker.take(int(x.shape[0]), x.device, text_rows if isinstance(text_rows, torch.Tensor) else None)
 
     def _site_hook(self, site: Site):
         entries = self._entries[site.index]
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
             x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-            rows = self.tracker.rows(_site_context(args, kwargs), int(x.shape[0]), x.device)
+            rows = self.tracker.rows(_site_text(args, kwargs), int(x.shape[0]), x.device)
             if rows is None:
                 return None
             progress = self.tracker.progress
@@ -541,10 +541,11 @@ class InjectionSession:
         return entry.folded
 
 
-def _site_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The text conditioning a cross-attention call got (ldm names it `context`, diffusers `encoder_hidden_states`)."""
-    context = args[1] if len(args) > 1 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
-    return context if isinstance(context, torch.Tensor) else None
+def _site_text(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The text conditioning a cross-attention call got (ldm names it `context`, diffusers `encoder_hidden_states`;
+    "context" in this project means the reference tokens)."""
+    text_rows = args[1] if len(args) > 1 else kwargs.get("context", kwargs.get("encoder_hidden_states"))
+    return text_rows if isinstance(text_rows, torch.Tensor) else None
 
 
 def _weights_key(module: torch.nn.Module) -> tuple:

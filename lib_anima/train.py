@@ -428,54 +428,51 @@ def train_context(
     what there is, ``interrupted=True``); ``on_save(state, context)`` every ``config.save_every`` steps. A loss or
     tokens that stop being finite raise :class:`TrainingDiverged` carrying the state before that step.
     """
-    config.validate()
-    examples = list(examples)
+    run = _TrainingRun.prepare(unet_apply, unet_module, examples, config, schedule, arch, device, state)
+    losses: list[float] = []
+    interrupted = False
+    with frozen(unet_module), torch.inference_mode(False), torch.enable_grad():
+        while run.step < config.steps:
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
+            step_loss, lr = run.optimise_once()
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(run.step, step_loss, lr)
+            if on_save is not None and config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
+                on_save(run.snapshot(), run.build_context(interrupted=False))
+    run.tokens.grad = None
+    return TrainResult(context=run.build_context(interrupted), losses=losses, state=run.snapshot(), interrupted=interrupted)
+
+
+def _check_examples(examples: list[TrainExample], dim: int) -> None:
     if not examples:
         raise ArgumentError("no training examples")
-    sites = find_sites(unet_module)
-    site_names = [s.name for s in sites]
-    dim = sites[0].context_dim
-    arch = arch or _guess_arch(sites)
-    weights = parse_weights(config.weights, sites)
-    if not any(w != 0 for w in weights):
-        raise ArgumentError("every site weight is 0: nothing would train")
-    layout = site_layout_id(site_names)
     for i, ex in enumerate(examples):
         text = ex.cond["crossattn"] if isinstance(ex.cond, dict) else ex.cond
         if text.shape[-1] != dim:
             raise ArgumentError(f"example {i}: conditioning dim {text.shape[-1]}, the model's cross-attention takes {dim}")
 
-    if state is not None:
-        if config.seed is not None and config.seed >= 0 and config.seed != state.seed:
-            raise ArgumentError(f"resuming a run with seed {state.seed}, but seed {config.seed} was asked for")
-        if state.site_layout and state.site_layout != layout:
-            raise ContextMismatchError(f"the training state is for site layout {state.site_layout}, the model has {layout}")
-        if tuple(state.tokens.shape) != (len(sites), config.n_tokens, dim):
-            raise ContextMismatchError(
-                f"the training state has tokens {list(state.tokens.shape)}, "
-                f"this run needs {[len(sites), config.n_tokens, dim]}"
-            )
-        seed = state.seed
-    else:
-        seed = config.seed if config.seed is not None and config.seed >= 0 else random.SystemRandom().randrange(2**31)
 
-    device = torch.device(device) if device is not None else next(unet_module.parameters()).device
-    init = state.tokens if state is not None else _initial_tokens(config, len(sites), dim, seed)
-    tokens = torch.nn.Parameter(init.detach().to(device, torch.float32).clone())
-    optimizer = torch.optim.AdamW([tokens], lr=config.lr_at(0), weight_decay=config.weight_decay)
-    use_cuda = device.type == "cuda"
-    unet_fp16 = any(p.dtype == torch.float16 for p in unet_module.parameters())
-    scaler = _make_scaler(use_cuda and (config.precision == "fp16" or unet_fp16))
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        if state.scaler and scaler.is_enabled():
-            scaler.load_state_dict(state.scaler)
-    losses_all = list(state.losses) if state is not None else []
-    step = state.step if state is not None else 0
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
+def _run_seed(config: TrainConfig, state: TrainState | None, layout: str, token_shape: tuple[int, int, int]) -> int:
+    """The run's seed: the resumed state's (after checking it fits this run), the asked one, or a fresh one."""
+    if state is None:
+        return config.seed if config.seed is not None and config.seed >= 0 else random.SystemRandom().randrange(2**31)
+    if config.seed is not None and config.seed >= 0 and config.seed != state.seed:
+        raise ArgumentError(f"resuming a run with seed {state.seed}, but seed {config.seed} was asked for")
+    if state.site_layout and state.site_layout != layout:
+        raise ContextMismatchError(f"the training state is for site layout {state.site_layout}, the model has {layout}")
+    if tuple(state.tokens.shape) != token_shape:
+        raise ContextMismatchError(
+            f"the training state has tokens {list(state.tokens.shape)}, this run needs {list(token_shape)}"
+        )
+    return state.seed
 
-    # Examples on the device once, as plain tensors (they may have been made under inference mode).
-    data = [
+
+def _on_device(examples: list[TrainExample], device: torch.device) -> list[tuple]:
+    """(latent, conditioning, mask) per example on `device`, as plain tensors (they may come from inference mode)."""
+    return [
         (
             ex.latent.detach().to(device, torch.float32).clone(),
             {k: v.detach().to(device).clone() for k, v in ex.cond.items()} if isinstance(ex.cond, dict)
@@ -484,103 +481,165 @@ def train_context(
         )
         for ex in examples
     ]
-    context = ReferenceContext(tokens=tokens, arch=arch, site_names=site_names)
-    activation = Activation(context, scale=1.0, mode="positive", weights=weights)
-    # one session, entered around each UNet call only: callbacks between steps (previews) see a clean model
-    session = InjectionSession(unet_module, [activation], AllConditional(), sites=sites)
-    t_lo = int(round(config.timestep_range[0] * schedule.num_timesteps))
-    t_hi = max(t_lo + 1, int(round(config.timestep_range[1] * schedule.num_timesteps)))
-    per_step = config.batch_size * config.grad_accumulation
 
-    def snapshot() -> TrainState:
-        return TrainState(
-            tokens=tokens.detach().to("cpu").clone(), step=step, seed=seed,
-            optimizer=_copy_state(optimizer.state_dict(), "cpu"), losses=list(losses_all),
-            scaler=dict(scaler.state_dict()) if scaler.is_enabled() else None, site_layout=layout,
+
+@dataclass
+class _TrainingRun:
+    """Everything one training run holds between steps: the tokens, their optimizer and the prepared data."""
+
+    unet_apply: UnetApply
+    examples: list[TrainExample]
+    data: list[tuple]
+    config: TrainConfig
+    schedule: DiffusionSchedule
+    arch: str
+    site_names: list[str]
+    weights: list[float]
+    layout: str
+    seed: int
+    device: torch.device
+    tokens: torch.nn.Parameter
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    session: InjectionSession
+    losses_all: list[float]
+    step: int
+
+    @classmethod
+    def prepare(cls, unet_apply: UnetApply, unet_module: torch.nn.Module, examples: Sequence[TrainExample],
+                config: TrainConfig, schedule: DiffusionSchedule, arch: str | None,
+                device: torch.device | str | None, state: TrainState | None) -> _TrainingRun:
+        config.validate()
+        examples = list(examples)
+        sites = find_sites(unet_module)
+        site_names = [s.name for s in sites]
+        dim = sites[0].context_dim
+        _check_examples(examples, dim)
+        weights = parse_weights(config.weights, sites)
+        if not any(w != 0 for w in weights):
+            raise ArgumentError("every site weight is 0: nothing would train")
+        layout = site_layout_id(site_names)
+        seed = _run_seed(config, state, layout, (len(sites), config.n_tokens, dim))
+        device = torch.device(device) if device is not None else next(unet_module.parameters()).device
+        init = state.tokens if state is not None else _initial_tokens(config, len(sites), dim, seed)
+        tokens = torch.nn.Parameter(init.detach().to(device, torch.float32).clone())
+        optimizer = torch.optim.AdamW([tokens], lr=config.lr_at(0), weight_decay=config.weight_decay)
+        unet_fp16 = any(p.dtype == torch.float16 for p in unet_module.parameters())
+        scaler = _make_scaler(device.type == "cuda" and (config.precision == "fp16" or unet_fp16))
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            if state.scaler and scaler.is_enabled():
+                scaler.load_state_dict(state.scaler)
+        arch = arch or _guess_arch(sites)
+        activation = Activation(ReferenceContext(tokens=tokens, arch=arch, site_names=site_names), scale=1.0,
+                                mode="positive", weights=weights)
+        # one session, entered around each UNet call only: callbacks between steps (previews) see a clean model
+        session = InjectionSession(unet_module, [activation], AllConditional(), sites=sites)
+        return cls(
+            unet_apply, examples, _on_device(examples, device), config, schedule, arch, site_names, weights, layout,
+            seed, device, tokens, optimizer, scaler, session,
+            list(state.losses) if state is not None else [], state.step if state is not None else 0,
         )
 
-    def build_context(interrupted: bool) -> ReferenceContext:
+    @property
+    def per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accumulation
+
+    def optimise_once(self) -> tuple[float, float]:
+        """One optimisation step (all its micro-batches); returns (loss, learning rate)."""
+        lr = self.config.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        chosen = _sample_indices(self.seed, self.step, self.per_step, len(self.data))
+        g = _generator(self.seed, "step", self.step)
+        t_lo = int(round(self.config.timestep_range[0] * self.schedule.num_timesteps))
+        t_hi = max(t_lo + 1, int(round(self.config.timestep_range[1] * self.schedule.num_timesteps)))
+        timesteps = torch.randint(t_lo, t_hi, (self.per_step,), generator=g)
+        noises = [torch.randn(self.data[i][0].shape, generator=g) for i in chosen]
+        step_loss = 0.0
+        for micro in range(self.config.grad_accumulation):
+            slots = range(micro * self.config.batch_size, (micro + 1) * self.config.batch_size)
+            groups: dict[tuple, list[int]] = {}
+            for j in slots:  # examples of one shape go through the UNet together
+                groups.setdefault(_group_key(self.examples[chosen[j]]), []).append(j)
+            for members in groups.values():
+                step_loss += self._backward(
+                    [chosen[j] for j in members], torch.stack([noises[j] for j in members]), timesteps[members], lr,
+                )
+        self._apply(lr)
+        self.step += 1
+        self.losses_all.append(step_loss)
+        return step_loss, lr
+
+    def _backward(self, indices: list[int], noise: torch.Tensor, t: torch.Tensor, lr: float) -> float:
+        """Loss and gradient of one group of examples of the same shape; returns its share of the step's loss."""
+        device = self.device
+        x0 = torch.stack([self.data[i][0] for i in indices])
+        noise, t = noise.to(device), t.to(device)
+        cond = _collate([self.data[i][1] for i in indices], device)
+        masks = [self.data[i][2] for i in indices]
+        mask = None if masks[0] is None else torch.stack(masks)  # type: ignore[arg-type]
+        x_t = self.schedule.noisy(x0, noise, t)
+        target = self.schedule.target(x0, noise, t)
+        with self.session, self._autocast():
+            pred = self.unet_apply(x_t, t, cond)
+        if not isinstance(pred, torch.Tensor) or pred.shape != x0.shape:
+            raise ArgumentError(f"unet_apply returned {_describe(pred)} for an input of shape {list(x0.shape)}")
+        loss = masked_mse(pred, target, mask).sum() / self.per_step
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(_diverged_text(self.step + 1, f"the loss is {value}", lr), self.step + 1, self.snapshot())
+        self.scaler.scale(loss).backward()
+        return value
+
+    def _autocast(self):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.precision)
+        if self.device.type == "cuda" and dtype is not None:
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _apply(self, lr: float) -> None:
+        """The optimizer step; a non-finite gradient or result keeps the tokens from before it and raises."""
+        tokens, step = self.tokens, self.step + 1
+        if not self.scaler.is_enabled() and tokens.grad is not None and not bool(torch.isfinite(tokens.grad).all()):
+            raise TrainingDiverged(_diverged_text(step, "the gradient is not finite", lr), step, self.snapshot())
+        before = (tokens.detach().clone(), _copy_state(self.optimizer.state_dict(), None))  # on the device: cheap
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not bool(torch.isfinite(tokens).all()):
+            with torch.no_grad():
+                tokens.copy_(before[0])
+            self.optimizer.load_state_dict(before[1])
+            raise TrainingDiverged(_diverged_text(step, "the tokens are not finite", lr), step, self.snapshot())
+
+    def snapshot(self) -> TrainState:
+        return TrainState(
+            tokens=self.tokens.detach().to("cpu").clone(), step=self.step, seed=self.seed,
+            optimizer=_copy_state(self.optimizer.state_dict(), "cpu"), losses=list(self.losses_all),
+            scaler=dict(self.scaler.state_dict()) if self.scaler.is_enabled() else None, site_layout=self.layout,
+        )
+
+    def build_context(self, interrupted: bool) -> ReferenceContext:
+        config, losses = self.config, self.losses_all
         record: dict[str, Any] = {
-            "trainer": f"anima {lib_anima.__version__}", "steps": step, "steps_planned": config.steps,
+            "trainer": f"anima {lib_anima.__version__}", "steps": self.step, "steps_planned": config.steps,
             "lr": config.describe_lr(), "batch_size": config.batch_size,
-            "grad_accumulation": config.grad_accumulation, "n_tokens": config.n_tokens, "seed": seed,
-            "examples": len(examples), "parameterization": schedule.parameterization,
+            "grad_accumulation": config.grad_accumulation, "n_tokens": config.n_tokens, "seed": self.seed,
+            "examples": len(self.examples), "parameterization": self.schedule.parameterization,
             "timestep_range": list(config.timestep_range), "weights": _weights_text(config.weights),
             "init": "tensor" if config.init is not None else f"normal(0, {config.init_std:g})",
             "precision": config.precision, "weight_decay": config.weight_decay,
-            "loss": sum(losses_all[-10:]) / len(losses_all[-10:]) if losses_all else None,
+            "loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "interrupted": interrupted,
         }
         record.update(config.record)
+        weights = self.weights
         site_weights = None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=torch.float32)
         return ReferenceContext(
-            tokens=tokens.detach().to("cpu", torch.float32).clone(), arch=arch, site_names=list(site_names),
-            site_weights=site_weights, training=record,
+            tokens=self.tokens.detach().to("cpu", torch.float32).clone(), arch=self.arch,
+            site_names=list(self.site_names), site_weights=site_weights, training=record,
         )
-
-    losses: list[float] = []
-    interrupted = False
-    with frozen(unet_module), torch.inference_mode(False), torch.enable_grad():
-        while step < config.steps:
-            if should_stop is not None and should_stop():
-                interrupted = True
-                break
-            lr = config.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            chosen = _sample_indices(seed, step, per_step, len(data))
-            g = _generator(seed, "step", step)
-            timesteps = torch.randint(t_lo, t_hi, (per_step,), generator=g)
-            noises = [torch.randn(data[i][0].shape, generator=g) for i in chosen]
-            step_loss = 0.0
-            for micro in range(config.grad_accumulation):
-                slots = range(micro * config.batch_size, (micro + 1) * config.batch_size)
-                groups: dict[tuple, list[int]] = {}
-                for j in slots:
-                    groups.setdefault(_group_key(examples[chosen[j]]), []).append(j)
-                for members in groups.values():
-                    x0 = torch.stack([data[chosen[j]][0] for j in members])
-                    noise = torch.stack([noises[j] for j in members]).to(device)
-                    t = timesteps[members].to(device)
-                    cond = _collate([data[chosen[j]][1] for j in members], device)  # type: ignore[misc]
-                    masks = [data[chosen[j]][2] for j in members]
-                    mask = None if masks[0] is None else torch.stack(masks)  # type: ignore[arg-type]
-                    x_t = schedule.noisy(x0, noise, t)
-                    target = schedule.target(x0, noise, t)
-                    autocast = (
-                        torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype is not None
-                        else contextlib.nullcontext()
-                    )
-                    with session, autocast:
-                        pred = unet_apply(x_t, t, cond)
-                    if not isinstance(pred, torch.Tensor) or pred.shape != x0.shape:
-                        raise ArgumentError(f"unet_apply returned {_describe(pred)} for an input of shape {list(x0.shape)}")
-                    loss = masked_mse(pred, target, mask).sum() / per_step
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(_diverged_text(step + 1, f"the loss is {value}", lr), step + 1, snapshot())
-                    scaler.scale(loss).backward()
-                    step_loss += value
-            if not scaler.is_enabled() and tokens.grad is not None and not bool(torch.isfinite(tokens.grad).all()):
-                raise TrainingDiverged(_diverged_text(step + 1, "the gradient is not finite", lr), step + 1, snapshot())
-            before = (tokens.detach().clone(), _copy_state(optimizer.state_dict(), None))  # on the device: cheap
-            scaler.step(optimizer)
-            scaler.update()
-            if not bool(torch.isfinite(tokens).all()):
-                with torch.no_grad():
-                    tokens.copy_(before[0])
-                optimizer.load_state_dict(before[1])
-                raise TrainingDiverged(_diverged_text(step + 1, "the tokens are not finite", lr), step + 1, snapshot())
-            step += 1
-            losses.append(step_loss)
-            losses_all.append(step_loss)
-            if on_step is not None:
-                on_step(step, step_loss, lr)
-            if on_save is not None and config.save_every and step % config.save_every == 0 and step < config.steps:
-                on_save(snapshot(), build_context(interrupted=False))
-    tokens.grad = None
-    return TrainResult(context=build_context(interrupted), losses=losses, state=snapshot(), interrupted=interrupted)
 
 
 def _diverged_text(step: int, what: str, lr: float) -> str:

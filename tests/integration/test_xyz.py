@@ -95,6 +95,18 @@ def test_context_sites_and_end_axes_enable_the_closed_panel(webui, ctx):
             assert not np.array_equal(with_context, plain)
 
 
+def test_img2img_plot(webui, ctx):
+    """The same axes under img2img (its pixels depend on the host's RNG history, so the infotexts are compared)."""
+    types = _axis_types(img2img=True)
+    init = client.txt2img(**PLAIN).png_b64[0]
+    result = client.img2img(init, "a photo of a dog", script_name="x/y/z plot",
+                            script_args=_plot_args(_axis(types, "Anima scale", "0, 0.75"), [0, "", []]),
+                            alwayson_scripts={"anima": {"args": [True, ctx["name"], 1.0, "negative", 0.0, 1.0, ""]}})
+    infotexts = result.info["infotexts"]
+    assert len(result.png_b64) == 3 and "X Type: Anima scale" in infotexts[0]
+    assert "Anima 1:" not in infotexts[1] and "scale: 0.75, mode: negative" in infotexts[2]
+
+
 @pytest.mark.parametrize(("label", "values", "csv_mode", "message"), [
     ("Anima scale", "0, 5", False, "Anima scale: scale must be from 0 to 4"),
     ("Anima mode", ["positive", "sideways"], False, "Anima mode: mode must be one of positive, negative"),

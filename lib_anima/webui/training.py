@@ -21,6 +21,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -49,6 +50,8 @@ from lib_anima.train import (
     train_context,
 )
 from lib_anima.webui import manage, store, sweep
+
+log = logging.getLogger("anima")
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGES = 64
@@ -479,12 +482,18 @@ def render_preview(context, req: TrainRequest, size: int, default_prompt: str) -
 
 def render_sweep(context, req: TrainRequest, size: int, default_prompt: str, seed: int, folder: RunFolder,
                  step: int, progress: Progress) -> dict | None:
-    """The scale sweep after a run, saved in its log folder; its record, or None when interrupted."""
+    """The scale sweep after a run, saved in its log folder; its record, None when interrupted, or ``{"error"}``
+    when it failed: the context is saved by now, and a sweep that fails (out of memory at 1024 px) must not lose it."""
     progress.message = "scale sweep"
     # one seed for every cell: the preview seed, or the run's own when that is random (-1)
     settings = preview_settings(req, size, default_prompt, req.preview_seed if req.preview_seed >= 0 else seed)
-    with _vae_on_device():
-        result = sweep.render(context, settings)
+    try:
+        with _vae_on_device():
+            result = sweep.render(context, settings)
+    except Exception as e:  # noqa: BLE001 - reported in the result and the log, the run itself succeeded
+        log.exception("anima: the scale sweep after training %s failed", req.name)
+        devices.torch_gc()
+        return {"error": f"{type(e).__name__}: {e}"}
     if result is None:
         return None
     sweep.save(result, folder.sweep_path(step))

@@ -97,6 +97,8 @@ def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, templat
 
 
 def _sweep_caption(record: dict) -> str:
+    if "error" in record:
+        return f"The scale sweep failed: {html.escape(record['error'])}"
     return (f"Scale sweep ({', '.join(record['labels'])}; seed {record['seed']}, {record['steps']} steps, "
             f"{record['seconds']} s): {html.escape(record['path'] or 'not saved')}")
 

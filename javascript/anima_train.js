@@ -1,6 +1,9 @@
-// sd-webui-anima: the Train form's progress (the host's progress bar) and "send to Anima" tab switching.
+// sd-webui-anima: the progress of the Train form and of Compare (the host's progress bar), and "send to Anima"
+// tab switching.
 
-function animaStartTraining(prefix, args) {
+// `prefix`: the element ids' prefix (PREFIX_progress, PREFIX_gallery_container, PREFIX_preview); args[0] is the
+// task id the host's progress route knows the job by.
+function animaStartJob(prefix, args) {
     var id = randomId();
     var status = gradioApp().getElementById(prefix + "_progress");
     requestProgress(id, gradioApp().getElementById(prefix + "_gallery_container"),

@@ -187,3 +187,53 @@ def _truthy(value: object, what: str = "enabled") -> bool:
     if value is None or isinstance(value, (bool, int, float)):
         return bool(value)
     raise ArgumentError(f"{what} must be true or false, got {_short(value)}")
+
+
+# ---- the X/Y/Z plot's Anima axes: they set fields of the panel's first unit ---------------------------------------
+
+
+def check_axis_value(field: str, value: object) -> object:
+    """One X/Y/Z axis value checked like the panel checks it. Start and end are checked each alone (the other
+    one is not known here); a start after the panel's end is then a warning at generation, as from the panel."""
+    if field == "name":
+        text = str(value).strip()
+        return "None" if text in ("", "None") else check_name(text)
+    if field == "scale":
+        return check_scale(value)
+    if field == "mode":
+        return check_mode(value)
+    if field == "start":  # against the widest window: a start of 1 or an end of 0 can never apply
+        return check_window(value, 1.0)[0]
+    if field == "end":
+        return check_window(0.0, value)[1]
+    if field == "weights":
+        return _weights_text(value)
+    raise ArgumentError(f"unknown anima axis field {field!r}")
+
+
+def units_with_axes(args: tuple | list, fields: dict[str, Any]) -> list[ContextUnit]:
+    """The script's units with the first unit's fields set by X/Y/Z axes.
+
+    Positional args are edited where the panel's first unit sits, so a context axis enables the panel with that
+    unit's other values (scale, mode, ... as the panel shows them); a name of "None" turns that unit off.
+    Named (dict) args: the first unit's fields are replaced, or a unit is made from them when a name is given.
+    """
+    if not fields or not isinstance(args, (list, tuple)):
+        return units_from_script_args(args)
+    args = list(args)
+    if args and isinstance(args[0], dict):
+        return _dict_units_with_axes(units_from_script_args(args), fields)
+    args += [None] * (1 + PANEL_ARGS_PER_UNIT - len(args))
+    for key, value in fields.items():
+        args[1 + UNIT_FIELDS.index(key)] = value
+    if fields.get("name", "None") != "None":
+        args[0] = True  # naming a context enables the panel; "None" only turns the first unit off
+    return units_from_script_args(args)
+
+
+def _dict_units_with_axes(units: list[ContextUnit], fields: dict[str, Any]) -> list[ContextUnit]:
+    if fields.get("name") == "None":
+        return units[1:]
+    if units:
+        return [ContextUnit(**{**units[0].as_dict(), **fields}), *units[1:]]
+    return [ContextUnit(**fields)] if "name" in fields else units

@@ -45,6 +45,8 @@ class TrainBody(BaseModel):
     preview_negative_prompt: str = ""
     preview_steps: int = 20
     preview_seed: int = -1
+    sweep: bool = Field(True, description="after the run, render the prompt at scales 0, 0.5, 1, 1.5 and 1 negative "
+                                          "(one seed, one labelled grid in the log folder: result.sweep)")
     resume: bool = False
     overwrite: bool = False
 
@@ -62,6 +64,7 @@ class JobSummary(BaseModel):
     message: str
     preview_path: str
     preview: str | None = Field(None, description="latest preview PNG, base64 (with ?preview=true)")
+    sweep: str | None = Field(None, description="the scale sweep's grid PNG, base64 (with ?sweep=true)")
     result: dict | None
     error: str
     created: float
@@ -104,9 +107,9 @@ def list_jobs() -> list[JobSummary]:
     return [JobSummary(**job.summary()) for job in jobs.all_jobs()]
 
 
-def get_job(job_id: str, preview: bool = False) -> JobSummary:
+def get_job(job_id: str, preview: bool = False, sweep: bool = False) -> JobSummary:
     try:
-        return JobSummary(**jobs.get(job_id).summary(with_preview=preview))
+        return JobSummary(**jobs.get(job_id).summary(with_preview=preview, with_sweep=sweep))
     except AnimaError as e:
         raise HTTPException(status_code=404, detail=str(e)) from None
 

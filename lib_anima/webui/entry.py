@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modules import extra_networks, script_callbacks, ui_extra_networks
 
-from lib_anima.webui import api, debug, generation, settings, ui_train
+from lib_anima.webui import api, debug, generation, settings, ui_train, xyz
 from lib_anima.webui.network import ExtraNetworkAnima
 from lib_anima.webui.page import ExtraNetworksPageAnima
 
@@ -12,6 +12,7 @@ from lib_anima.webui.page import ExtraNetworksPageAnima
 def _before_ui() -> None:
     ui_extra_networks.register_page(ExtraNetworksPageAnima())
     extra_networks.register_extra_network(ExtraNetworkAnima())
+    xyz.register()  # every script is loaded by now, and the plot's ui() (which lists the axes) has not run yet
 
 
 def _app_started(_demo, app) -> None:

@@ -36,19 +36,24 @@ class Job:
     def current_state(self) -> str:
         return "running" if self.state == "queued" and self.progress.started else self.state
 
-    def summary(self, with_preview: bool = False) -> dict:
+    def summary(self, with_preview: bool = False, with_sweep: bool = False) -> dict:
         p = self.progress
-        out = {
+        return {
             "id": self.id, "name": self.name, "state": self.current_state(), "step": p.step, "steps": p.steps,
             "loss": p.loss, "learn_rate": p.learn_rate, "it_per_s": p.it_per_s, "eta_s": p.eta_s,
             "message": p.message, "preview_path": p.preview_path, "result": self.result, "error": self.error,
-            "created": self.created, "finished": self.finished, "preview": None,
+            "created": self.created, "finished": self.finished,
+            "preview": _png_base64(p.preview) if with_preview else None,
+            "sweep": _png_base64(p.sweep) if with_sweep else None,
         }
-        if with_preview and p.preview is not None:
-            buffer = io.BytesIO()
-            p.preview.save(buffer, format="PNG")
-            out["preview"] = base64.b64encode(buffer.getvalue()).decode()
-        return out
+
+
+def _png_base64(image) -> str | None:
+    if image is None:
+        return None
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 _jobs: OrderedDict[str, Job] = OrderedDict()

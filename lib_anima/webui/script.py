@@ -10,8 +10,8 @@ from lib_anima import infotext
 from lib_anima.context import MODES, SCALE_MAX, SCALE_MIN
 from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
-from lib_anima.units import MAX_PANEL_UNITS, UNIT_FIELDS, units_from_script_args
-from lib_anima.webui import generation, store
+from lib_anima.units import MAX_PANEL_UNITS, UNIT_FIELDS, units_with_axes
+from lib_anima.webui import generation, store, xyz
 
 
 def _choices() -> list[str]:
@@ -85,13 +85,17 @@ class AnimaScript(scripts.Script):
             self.infotext_fields.append((component, getter(field)))
 
     def process(self, p, *args):
+        axes = xyz.axis_fields(p)  # set by the X/Y/Z plot's Anima axes for this cell
         try:
-            units = units_from_script_args(args)
+            units = units_with_axes(args, axes)
         except AnimaError as e:
             # The host would only log an exception raised here; a warning reaches the user (UI and infotext).
             # API requests with bad args are refused with 422 before this point (see api.guard_generation_routes).
             generation.run_state(p).warn(p, f"panel/API arguments ignored: {e}")
             return
+        if axes and not units and axes.get("name") != "None":
+            generation.run_state(p).warn(p, "the X/Y/Z plot's Anima axes have no context to act on: name one in the "
+                                            "panel's first unit or add an Anima context axis")
         if not units and getattr(p, "_anima_run", None) is None:
             return  # disabled: leave p exactly as the host made it
         generation.run_state(p).panel = units

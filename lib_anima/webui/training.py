@@ -21,6 +21,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -37,7 +38,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lib_anima.create import MAX_TOKENS
 from lib_anima.errors import AnimaError, ArgumentError
 from lib_anima.fileio import atomic_write_bytes
-from lib_anima.inject import Activation
 from lib_anima.names import check_directory, check_name
 from lib_anima.train import (
     DiffusionSchedule,
@@ -49,7 +49,9 @@ from lib_anima.train import (
     TrainStateFileError,
     train_context,
 )
-from lib_anima.webui import manage, store
+from lib_anima.webui import manage, store, sweep
+
+log = logging.getLogger("anima")
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGES = 64
@@ -112,6 +114,7 @@ class TrainRequest:
     preview_negative_prompt: str = ""
     preview_steps: int = 20
     preview_seed: int = -1
+    sweep: bool = True  # after the run: the prompt at scales 0, 0.5, 1, 1.5 and 1 negative, one grid (sweep.py)
     log_directory: str = ""  # default: the host's textual_inversion log folder
     resume: bool = False
     overwrite: bool = False
@@ -369,6 +372,9 @@ class RunFolder:
         self.path = os.path.join(log_root(req), datetime.datetime.now().strftime("%Y-%m-%d"), req.name)
         os.makedirs(self.path, exist_ok=True)
 
+    def sweep_path(self, step: int) -> str:
+        return os.path.join(self.path, f"anima_sweep-{step}.png")
+
     def image_path(self, step: int) -> str:
         os.makedirs(os.path.join(self.path, "images"), exist_ok=True)
         return os.path.join(self.path, "images", f"anima-{self.name}-{step}.png")
@@ -433,6 +439,7 @@ class Progress:
     eta_s: float | None = None
     preview: Image.Image | None = None
     preview_path: str = ""
+    sweep: Image.Image | None = None  # the scale sweep's grid, once rendered
     message: str = ""
     started: bool = False  # the queue lock is held and the run began
     interrupt_requested: bool = False
@@ -461,26 +468,38 @@ class Progress:
 # ---- previews -----------------------------------------------------------------------------------------------------
 
 
+def preview_settings(req: TrainRequest, size: int, default_prompt: str, seed: int) -> sweep.SweepSettings:
+    """What previews and the sweep render: the preview prompt (or the training prompt) at the training size."""
+    return sweep.SweepSettings(prompt=req.preview_prompt or default_prompt, negative_prompt=req.preview_negative_prompt,
+                               seed=seed, steps=req.preview_steps, width=size, height=size)
+
+
 def render_preview(context, req: TrainRequest, size: int, default_prompt: str) -> Image.Image | None:
     """One txt2img image with the context applied (positive, scale 1), through the host's normal processing."""
-    from modules import processing
+    settings = preview_settings(req, size, default_prompt, req.preview_seed)
+    return sweep.render_image(context, 1.0, "positive", settings)
 
-    from lib_anima.webui import generation
 
-    p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=req.preview_prompt or default_prompt,
-        negative_prompt=req.preview_negative_prompt, steps=req.preview_steps, seed=req.preview_seed,
-        width=size, height=size, cfg_scale=7.0, sampler_name="Euler a",
-        do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True,
-    )
-    generation.add_in_memory(p, Activation(context, 1.0, "positive"))
-    saved = (shared.state.job_count, shared.state.job_no, shared.state.textinfo)
+def render_sweep(context, req: TrainRequest, size: int, default_prompt: str, seed: int, folder: RunFolder,
+                 step: int, progress: Progress) -> dict | None:
+    """The scale sweep after a run, saved in its log folder; its record, None when interrupted, or ``{"error"}``
+    when it failed: the context is saved by now, and a sweep that fails (out of memory at 1024 px) must not lose it."""
+    progress.message = "scale sweep"
+    # one seed for every cell: the preview seed, or the run's own when that is random (-1)
+    settings = preview_settings(req, size, default_prompt, req.preview_seed if req.preview_seed >= 0 else seed)
     try:
-        with contextlib.closing(p):
-            processed = processing.process_images(p)
-    finally:
-        shared.state.job_count, shared.state.job_no, shared.state.textinfo = saved
-    return processed.images[0] if processed.images else None
+        with _vae_on_device():
+            result = sweep.render(context, settings)
+    except Exception as e:  # noqa: BLE001 - reported in the result and the log, the run itself succeeded
+        log.exception("anima: the scale sweep after training %s failed", req.name)
+        devices.torch_gc()
+        return {"error": f"{type(e).__name__}: {e}"}
+    if result is None:
+        return None
+    sweep.save(result, folder.sweep_path(step))
+    progress.sweep = result.grid
+    shared.state.assign_current_image(result.grid)
+    return result.record()
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
@@ -542,7 +561,7 @@ def run(req: TrainRequest, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     if progress.interrupt_requested:  # interrupted while waiting for the queue
         return {"name": req.name, "hash": None, "steps": 0, "interrupted": True, "final_loss": None,
-                "log_directory": "", "seed": req.seed}
+                "log_directory": "", "seed": req.seed, "sweep": None}
     library = store.library()
     path = library.path(req.name)
     if os.path.exists(path) and not (req.overwrite or req.resume):
@@ -621,9 +640,12 @@ def run(req: TrainRequest, progress: Progress | None = None) -> dict:
     folder.save_state(result.state, request_record)
     if req.preview_every:
         preview(context, result.state.step)
+    swept = None
+    if req.sweep and not result.interrupted and not should_stop():  # a stop request also skips the sweep
+        swept = render_sweep(context, req, size, captions[0], seed, folder, result.state.step, progress)
     return {"name": req.name, "hash": context.shorthash, "steps": result.state.step,
             "interrupted": result.interrupted, "final_loss": result.losses[-1] if result.losses else None,
-            "log_directory": folder.path, "seed": seed}
+            "log_directory": folder.path, "seed": seed, "sweep": swept}
 
 
 @contextlib.contextmanager

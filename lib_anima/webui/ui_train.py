@@ -9,6 +9,7 @@ its training prompt.
 from __future__ import annotations
 
 import html
+import random
 
 import gradio as gr
 from modules import call_queue, shared
@@ -16,7 +17,7 @@ from modules.ui_components import FormRow, ToolButton
 
 from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
-from lib_anima.webui import store, training
+from lib_anima.webui import store, sweep, training
 
 SOURCES = {  # host component after which a "send to Anima" button is created → the image it sends
     "txt2img_send_to_extras": "txt2img_gallery",
@@ -64,7 +65,7 @@ def _image_and_mask(value) -> tuple:
 
 def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, template, name_text, use_alpha, init_text,
            n_tokens, weights, steps, learning_rate, batch_size, grad_accumulation, resolution, flip, seed,
-           save_every, preview_every, preview_prompt, resume, overwrite):
+           save_every, preview_every, preview_prompt, sweep_on, resume, overwrite):
     """The Train button (runs under wrap_gradio_gpu_call: queue lock, shared.state begun)."""
     image, drawn = _image_and_mask(image_value)
     mask = mask_upload if mask_upload is not None else drawn
@@ -78,19 +79,28 @@ def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, templat
             weights="" if weights == "all" else weights, steps=int(steps), learning_rate=str(learning_rate),
             batch_size=int(batch_size), grad_accumulation=int(grad_accumulation), resolution=int(resolution),
             flip=bool(flip), seed=int(seed), save_every=int(save_every), preview_every=int(preview_every),
-            preview_prompt=preview_prompt or "", resume=bool(resume), overwrite=bool(overwrite),
+            preview_prompt=preview_prompt or "", sweep=bool(sweep_on), resume=bool(resume), overwrite=bool(overwrite),
         )
         progress = training.Progress()
         with training.exclusive():
             progress.started = True
             summary = training.run(request, progress)
     except AnimaError as e:
-        return None, f"<p class='anima-error'>Training failed: {html.escape(str(e))}</p>"
+        return None, None, f"<p class='anima-error'>Training failed: {html.escape(str(e))}</p>"
     state = "interrupted (state saved: tick Resume to continue)" if summary["interrupted"] else "finished"
     text = (f"<p>Training {state} at step {summary['steps']}: context <b>{html.escape(summary['name'])}</b> "
             f"saved (hash {summary['hash']}, last loss {summary['final_loss']}).<br>"
             f"Log, previews and checkpoints: {html.escape(summary['log_directory'])}</p>")
-    return progress.preview, text
+    if summary.get("sweep"):
+        text += f"<p>{_sweep_caption(summary['sweep'])}</p>"
+    return progress.preview, progress.sweep, text
+
+
+def _sweep_caption(record: dict) -> str:
+    if "error" in record:
+        return f"The scale sweep failed: {html.escape(record['error'])}"
+    return (f"Scale sweep ({', '.join(record['labels'])}; seed {record['seed']}, {record['steps']} steps, "
+            f"{record['seconds']} s): {html.escape(record['path'] or 'not saved')}")
 
 
 def _prompt_of(image_value) -> str:
@@ -157,6 +167,8 @@ def build_train(prefix: str) -> dict:
                 c["preview_every"] = gr.Number(label="Preview every N steps (0: none)", value=0, precision=0,
                                                elem_id=f"{prefix}_preview_every")
             c["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: the training prompt)", elem_id=f"{prefix}_preview_prompt")
+            c["sweep"] = gr.Checkbox(label="Scale sweep after training (scales 0, 0.5, 1, 1.5 and 1 negative, one seed)",
+                                     value=True, elem_id=f"{prefix}_sweep")
             with gr.Row():
                 c["train"] = gr.Button("Train context", variant="primary", elem_id=f"{prefix}_train")
                 c["interrupt"] = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt")
@@ -164,14 +176,15 @@ def build_train(prefix: str) -> dict:
             c["output"] = gr.HTML(elem_id=f"{prefix}_output")
             gr.HTML(elem_id=f"{prefix}_progress")  # live step/loss/ETA text, written by the page's script
             c["preview"] = gr.Image(label="Last preview", interactive=False, elem_id=f"{prefix}_preview")
+            c["sweep_image"] = gr.Image(label="Scale sweep", interactive=False, elem_id=f"{prefix}_sweep_image")
             c["id_task"] = gr.Textbox(visible=False, elem_id=f"{prefix}_id_task")
     inputs = [c[k] for k in ("id_task", "name", "image", "mask", "prompt", "dataset_dir", "template", "name_text",
                              "use_alpha", "init_text", "n_tokens", "weights", "steps", "learning_rate", "batch_size",
                              "grad_accumulation", "resolution", "flip", "seed", "save_every", "preview_every",
-                             "preview_prompt", "resume", "overwrite")]
-    c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None]),
-                     _js=f"(...args) => animaStartTraining('{prefix}', args)",
-                     inputs=inputs, outputs=[c["preview"], c["output"]])
+                             "preview_prompt", "sweep", "resume", "overwrite")]
+    c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None, None]),
+                     _js=f"(...args) => animaStartJob('{prefix}', args)",
+                     inputs=inputs, outputs=[c["preview"], c["sweep_image"], c["output"]])  # the host's error text goes last
     c["interrupt"].click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
     c["image"].upload(fn=_prompt_of, inputs=[c["image"]], outputs=[c["prompt"]])
     return c
@@ -196,9 +209,64 @@ def _contexts_table() -> str:
             + (f"<p>Unreadable files:</p><ul>{errors}</ul>" if errors else ""))
 
 
-def _refreshed_table() -> str:
+def _refreshed_table() -> tuple[str, dict]:
     store.library().refresh()
-    return _contexts_table()
+    return _contexts_table(), gr.update(choices=store.library().names())
+
+
+# ---- Compare: the scale sweep of an existing context, with a prompt the user types --------------------------------
+
+
+def _compare(id_task, name, prompt, negative_prompt, seed, steps, size):
+    """The Compare button (under wrap_gradio_gpu_call: queue lock, shared.state begun): the same sweep as after
+    training (:func:`lib_anima.webui.sweep.render`)."""
+    try:
+        settings = _compare_settings(prompt, negative_prompt, seed, steps, size)
+        if not name:
+            raise AnimaError("choose a context to compare")
+        result = sweep.render(store.library().load(name), settings)
+    except (ValueError, TypeError) as e:  # AnimaError is a ValueError; int(None) a TypeError
+        return None, f"<p class='anima-error'>Compare failed: {html.escape(str(e))}</p>"
+    if result is None:
+        return None, "<p>Compare interrupted.</p>"
+    return result.grid, f"<p>{html.escape(name)}: {_sweep_caption(result.record())}</p>"
+
+
+def _compare_settings(prompt, negative_prompt, seed, steps, size) -> sweep.SweepSettings:
+    steps, size, seed = int(steps), int(size), int(seed)
+    if not 1 <= steps <= 150:
+        raise AnimaError(f"steps must be from 1 to 150, got {steps}")
+    if not 0 <= size <= 2048 or size % 8:
+        raise AnimaError(f"size must be a multiple of 8 from 0 to 2048, got {size}")
+    size = size or (1024 if store.model_arch() == "sdxl" else 512)
+    seed = seed if seed >= 0 else random.SystemRandom().randrange(2**31)  # one concrete seed for every cell
+    return sweep.SweepSettings(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed, steps=steps,
+                               width=size, height=size)
+
+
+def build_compare() -> dict:
+    c: dict = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(variant="panel"):
+            c["name"] = gr.Dropdown(store.library().names(), label="Context", elem_id="anima_compare_name")
+            c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="anima_compare_prompt")
+            c["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="anima_compare_negative_prompt")
+            with FormRow():
+                c["seed"] = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id="anima_compare_seed")
+                c["steps"] = gr.Number(label="Steps", value=20, precision=0, elem_id="anima_compare_steps")
+                c["size"] = gr.Number(label="Size (0: model's native)", value=0, precision=0, elem_id="anima_compare_size")
+            c["compare"] = gr.Button("Compare", variant="primary", elem_id="anima_compare")
+        with gr.Column(elem_id="anima_compare_gallery_container"):
+            c["output"] = gr.HTML(elem_id="anima_compare_output")
+            gr.HTML(elem_id="anima_compare_progress")
+            c["image"] = gr.Image(label="Scale sweep: 0, 0.5, 1, 1.5 and 1 negative", interactive=False,
+                                  elem_id="anima_compare_preview")
+            c["id_task"] = gr.Textbox(visible=False, elem_id="anima_compare_id_task")
+    inputs = [c[k] for k in ("id_task", "name", "prompt", "negative_prompt", "seed", "steps", "size")]
+    c["compare"].click(fn=call_queue.wrap_gradio_gpu_call(_compare, extra_outputs=[None]),
+                       _js="(...args) => animaStartJob('anima_compare', args)",
+                       inputs=inputs, outputs=[c["image"], c["output"]])
+    return c
 
 
 def on_ui_train_tabs(_params) -> None:
@@ -214,7 +282,8 @@ def on_ui_tabs():
             with gr.Tab("Contexts", elem_id="anima_tabs_contexts"):
                 refresh = gr.Button("Refresh", elem_id="anima_contexts_refresh")
                 table = gr.HTML(_contexts_table(), elem_id="anima_contexts_table")
-                refresh.click(fn=_refreshed_table, inputs=[], outputs=[table])
+                compare = build_compare()
+                refresh.click(fn=_refreshed_table, inputs=[], outputs=[table, compare["name"]])
         _bind_send_buttons(form)
     return [(tab, "Anima", "anima")]
 

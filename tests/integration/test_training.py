@@ -34,7 +34,8 @@ def test_train_from_one_image(webui):
 
 def test_train_refuses_overwrite_and_bad_input(webui):
     reference = txt2img("a red fox", seed=3).png_b64[0]
-    body = {"name": "itest_trained_once", "images": [reference], "steps": 2, "resolution": 64, "overwrite": True}
+    body = {"name": "itest_trained_once", "images": [reference], "steps": 2, "resolution": 64, "overwrite": True,
+            "sweep": False}
     assert client.post("/anima/v1/train", body).status_code == 200
     listing_before = client.get("/anima/v1/contexts/itest_trained_once").json()
     again = client.post("/anima/v1/train", {**body, "overwrite": False})
@@ -46,7 +47,8 @@ def test_train_refuses_overwrite_and_bad_input(webui):
 
 # ---- the full trainer: jobs, interrupt/resume, dataset, masks, schedule, other architectures ---------------------
 
-BASE = {"resolution": 64, "overwrite": True, "seed": 11, "prompt": "a red fox"}
+# no scale sweep after these runs (test_sweep.py tests it; test_train_from_one_image runs it with the defaults)
+BASE = {"resolution": 64, "overwrite": True, "seed": 11, "prompt": "a red fox", "sweep": False}
 
 
 def _reference() -> str:
@@ -184,7 +186,7 @@ def test_dataset_directory_with_templates(webui):
     with open(os.path.join(root, "b.txt"), "w", encoding="utf-8") as f:
         f.write("a blue tile")
     body = {"name": "itest_dataset", "dataset_dir": root, "template": "subject_filewords.txt", "steps": 2,
-            "resolution": 64, "overwrite": True, "name_text": "sks"}
+            "resolution": 64, "overwrite": True, "name_text": "sks", "sweep": False}
     r = client.post("/anima/v1/train", body)
     assert r.status_code == 200, r.text
     record = client.get("/anima/v1/contexts/itest_dataset").json()["training"]
@@ -201,8 +203,10 @@ def test_train_on_other_architectures(webui, checkpoint, arch, dim):
     try:
         reference = txt2img("a red fox", seed=3).png_b64[0]
         before = txt2img()
-        r = client.post("/anima/v1/train", {**BASE, "images": [reference], "name": f"itest_{arch}", "steps": 2})
+        r = client.post("/anima/v1/train", {**BASE, "images": [reference], "name": f"itest_{arch}", "steps": 2,
+                                            "sweep": True, "preview_steps": 2})
         assert r.status_code == 200, r.text
+        assert len(r.json()["sweep"]["labels"]) == 5, "the scale sweep renders on this architecture too"
         info = client.get(f"/anima/v1/contexts/itest_{arch}").json()
         assert (info["architecture"], info["context_dim"]) == (arch, dim)
         assert txt2img().png_b64 == before.png_b64

@@ -90,6 +90,8 @@ class Status(BaseModel):
     hooks_installed: int
     model_architecture: str | None
     context_loads: int = Field(description="context files read for generation since start (each version once)")
+    checked_requests: int = Field(description="txt2img/img2img bodies the anima check parsed since start "
+                                              "(bodies without \"anima\" in them are passed on unparsed)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -412,7 +414,7 @@ def add_routes(app: FastAPI) -> None:
         loaded = shared.sd_model is not None and store.current_unet() is not None
         return Status(version=__version__, hooks_installed=generation.hooks_installed(),
                       model_architecture=store.model_arch() if loaded else None,
-                      context_loads=store.library().load_count)
+                      context_loads=store.library().load_count, checked_requests=api_guard.parsed_bodies)
 
     upload_body = {"requestBody": {"content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},

@@ -79,6 +79,7 @@ TRAINED = "itest_ui_trained"
 
 
 def test_send_to_anima_then_train(page):
+    log_start = host_log_offset()
     # a txt2img result, made in the browser as a user would
     fill(page, "#txt2img_prompt textarea", "a lighthouse at dusk")
     for elem, value in (("txt2img_steps", "2"), ("txt2img_width", "64"), ("txt2img_height", "64")):
@@ -99,6 +100,8 @@ def test_send_to_anima_then_train(page):
     info = client.get(f"/anima/v1/contexts/{TRAINED}").json()
     assert info["training"]["steps"] == 3 and info["training"]["prompt"].startswith("a lighthouse at dusk")
     assert client.status()["hooks_installed"] == 0
+    logged = host_log_since(log_start)
+    assert not [bad for bad in ("Traceback", "*** Error", "AttributeError") if bad in logged], logged[-3000:]
 
 
 # ---- the Anima tab: upload, drag and drop, a drawn mask; the Contexts list -------------------------------------

@@ -16,7 +16,13 @@ import threading
 from dataclasses import dataclass
 
 from lib_anima.context import MAX_FILE_BYTES, ContextInfo, ReferenceContext, inspect_file, load_context
-from lib_anima.errors import AnimaError, ArgumentError, ContextFileError
+from lib_anima.errors import (
+    AnimaError,
+    ArgumentError,
+    ContextExistsError,
+    ContextFileError,
+    UnknownContextError,
+)
 from lib_anima.fileio import fsync_directory, place, remove_quietly, sweep_stale_temp_files, write_temp
 from lib_anima.names import (
     CONTEXT_SUFFIX,
@@ -28,14 +34,6 @@ from lib_anima.names import (
 )
 
 log = logging.getLogger("anima")
-
-
-class ContextExistsError(ArgumentError):
-    """The target name is taken and overwriting was not asked for (HTTP 409)."""
-
-
-class UnknownContextError(ArgumentError):
-    """No file of that name in the folder (HTTP 404)."""
 
 
 @dataclass

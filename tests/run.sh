@@ -4,6 +4,8 @@
 # checkpoints), HTTP and browser. Installs what it needs: a venv (.venv), the offline host (../shared/host → webui-host/;
 # not a dot folder: the host's Gradio refuses /file= paths under one, and the page would load none of its scripts),
 # test tools, Debian's chromium. Extra arguments go to pytest, e.g. `bash tests/run.sh -k infotext`.
+# After the main run the host is started twice more: without --api (tests/host_without_api.sh) and with --api-auth,
+# each for the tests marked for that kind of host; the exit status reflects every pytest run.
 #
 # The host source (other projects' code, never in this repository) comes from $WEBUI_SOURCES/stable-diffusion-webui
 # (default $HOME/webui-sources; an existing A1111 v1.10.1 install works: point WEBUI_SOURCES at the folder that holds
@@ -103,6 +105,41 @@ set +e
 python -m pytest tests -q -rs --durations=15 --ignore=tests/thirdparty "$@"
 rc=$?
 set -e
+
+# ---- begin: hosts started another way (without --api; with --api-auth) ----------------------------------------
+# Each kind runs the integration tests marked for it (pytest.mark.host, tests/integration/conftest.py) against
+# its own start on $PORT; their statuses join rc. "No test selected" (exit 5) only counts when arguments narrowed
+# the run (e.g. -k infotext), and then it is not a failure.
+pytest_on_host() {  # $1 host kind; the rest: pytest arguments
+    local kind="$1" status
+    shift
+    set +e
+    ANIMA_HOST_KIND="$kind" python -m pytest tests/integration -q -rs "$@"
+    status=$?
+    set -e
+    if [ "$status" = 5 ] && [ "$NARROWED" = 1 ]; then status=0; fi
+    if [ "$status" != 0 ]; then log "tests on the $kind host failed ($status)"; rc=1; fi
+}
+NARROWED=$([ "$#" -gt 0 ] && echo 1 || echo 0)
+stop_host
+
+log "host WITHOUT --api (tests/host_without_api.sh: the anima routes must not exist, the UI must work)"
+if wait_port_free "$PORT" && bash tests/host_without_api.sh "$PORT" "$WEBUI_HOST_DIR" >/dev/null; then
+    pytest_on_host no-api "$@"
+else
+    log "the host without --api did not start"; rc=1
+fi
+stop_host
+
+log "host with --api-auth (every anima route must need the credentials)"
+if WEBUI_API_AUTH=anima-test:s3cret-pass start_host "$PORT"; then
+    ANIMA_API_AUTH=anima-test:s3cret-pass pytest_on_host api-auth "$@"
+else
+    log "the host with --api-auth did not start"; rc=1
+fi
+stop_host
+# ---- end: hosts started another way ------------------------------------------------------------------------------
+
 
 log "next to third-party extensions (../shared/host/thirdparty: Tiled Diffusion, ControlNet, SAG, ...)"
 stop_host

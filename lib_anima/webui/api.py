@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 from pydantic import BaseModel, Field, conint
@@ -31,9 +32,9 @@ from lib_anima.create import MAX_TOKENS
 from lib_anima.errors import AnimaError
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.images import decode_base64, open_image
-from lib_anima.library import ContextExistsError, UnknownContextError
 from lib_anima.names import check_name, sidecar_path
 from lib_anima.webui import api_guard, generation, store
+from lib_anima.webui.http_errors import http_error
 
 PREFIX = "/anima/v1"
 TAGS = ["anima"]
@@ -89,27 +90,18 @@ class Status(BaseModel):
     hooks_installed: int
     model_architecture: str | None
     context_loads: int = Field(description="context files read for generation since start (each version once)")
+    checked_requests: int = Field(description="txt2img/img2img bodies the anima check parsed since start "
+                                              "(bodies without \"anima\" in them are passed on unparsed)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-
-def _http_error(e: Exception) -> HTTPException:
-    if isinstance(e, UnknownContextError):
-        return HTTPException(status_code=404, detail=str(e))
-    if isinstance(e, ContextExistsError) or "already exists" in str(e):
-        return HTTPException(status_code=409, detail=str(e))
-    if isinstance(e, AnimaError):
-        return HTTPException(status_code=400, detail=str(e))
-    # the server's disk (OSError), not the request: say what happened, without a traceback
-    return HTTPException(status_code=500, detail=f"file system error: {getattr(e, 'strerror', None) or e}")
 
 
 def _name(name: str) -> str:
     try:
         return check_name(name)
     except AnimaError as e:
-        raise HTTPException(status_code=400, detail=str(e)) from None
+        raise http_error(e) from None
 
 
 def _thumb_route_exists(app: FastAPI | None) -> bool:
@@ -182,7 +174,7 @@ async def _file_from_body(request: Request, limit: int, json_field: str) -> tupl
         try:
             raw = decode_base64(data.pop(json_field), f"'{json_field}'")
         except AnimaError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+            raise http_error(e) from None
         return raw, data
     if content_type == "multipart/form-data":
         body = await _read_body(request, limit + _BODY_SLACK)
@@ -317,9 +309,10 @@ async def refuse_lone_surrogates(request: Request) -> None:
 def add_routes(app: FastAPI) -> None:
     dependencies = [*auth_dependencies(), Depends(refuse_lone_surrogates)]
 
-    def add_route(path: str, endpoint, **kwargs) -> None:
+    def add_route(path: str, endpoint, **kwargs) -> APIRoute:
         kwargs.setdefault("tags", TAGS)
         app.add_api_route(path, endpoint, dependencies=dependencies, **kwargs)
+        return app.router.routes[-1]
 
     def list_contexts() -> ContextList:
         """Every valid context with its metadata; unreadable files under `errors`."""
@@ -330,7 +323,7 @@ def add_routes(app: FastAPI) -> None:
         try:
             store.library().refresh()
         except AnimaError as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
         return _listing(app)
 
     def get_context(name: str) -> ContextSummary:
@@ -339,7 +332,7 @@ def add_routes(app: FastAPI) -> None:
         try:
             return _summary(name, app)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
 
     def create(req: CreateRequest) -> ContextSummary:
         """An untrained context for the loaded model (from `init_text`, else random with `seed` and `std`)."""
@@ -349,7 +342,7 @@ def add_routes(app: FastAPI) -> None:
             context = manage.create_context(req.name, req.n_tokens, req.init_text, req.seed, req.std, req.overwrite)
             return _summary(context.name, app)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
 
     def delete(name: str) -> Deleted:
         """Delete a context file (valid or broken) with its previews and user metadata."""
@@ -357,7 +350,7 @@ def add_routes(app: FastAPI) -> None:
         try:
             removed = store.library().delete(name)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
         return Deleted(name=name, files=[os.path.basename(p) for p in removed])
 
     def rename(name: str, req: RenameRequest) -> ContextSummary:
@@ -368,7 +361,7 @@ def add_routes(app: FastAPI) -> None:
             store.library().rename(name, req.new_name, req.overwrite)
             return _summary(req.new_name, app)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
 
     def download(name: str) -> FileResponse:
         """The context's .safetensors file."""
@@ -376,7 +369,7 @@ def add_routes(app: FastAPI) -> None:
         try:
             path = store.library().file_path(name)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
         return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.safetensors")
 
     async def upload(name: str, request: Request, overwrite: bool = False) -> ContextSummary:
@@ -392,7 +385,7 @@ def add_routes(app: FastAPI) -> None:
             await run_in_threadpool(store.library().import_bytes, name, raw, overwrite)
             return _summary(name, app)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
 
     def get_preview(name: str) -> FileResponse:
         """The context's preview image, if it has one (404 otherwise)."""
@@ -412,7 +405,7 @@ def add_routes(app: FastAPI) -> None:
             atomic_write_bytes(sidecar_path(store.contexts_dir(), name, ".png"), png)
             return _summary(name, app)
         except (AnimaError, OSError) as e:
-            raise _http_error(e) from None
+            raise http_error(e) from None
 
     def status() -> Status:
         """Version, the loaded model's architecture, hooks installed now (0 outside sampling), context loads."""
@@ -421,7 +414,7 @@ def add_routes(app: FastAPI) -> None:
         loaded = shared.sd_model is not None and store.current_unet() is not None
         return Status(version=__version__, hooks_installed=generation.hooks_installed(),
                       model_architecture=store.model_arch() if loaded else None,
-                      context_loads=store.library().load_count)
+                      context_loads=store.library().load_count, checked_requests=api_guard.parsed_bodies)
 
     upload_body = {"requestBody": {"content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},

@@ -8,22 +8,28 @@ once (202) with its id, ``GET /train/jobs/{id}`` polls it (step, loss, it/s, ETA
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
-from lib_anima.errors import AnimaError
+from lib_anima.errors import AnimaError, ArgumentError
 from lib_anima.webui import jobs, training
+from lib_anima.webui.http_errors import http_error, limit_body
 
 PREFIX = "/anima/v1"
+# 64 reference images and masks as base64; the route refuses a larger body before parsing it (413)
+MAX_TRAIN_BODY_BYTES = 128 * 1024 * 1024
 
 
 class TrainBody(BaseModel):
     """The tab's options; images and masks as base64 (PNG/JPEG/WebP, data URLs accepted)."""
 
     name: str
-    images: list[str] = Field(default_factory=list, description="reference images, base64")
-    masks: list[str | None] = Field(default_factory=list, description="one per image (white = learn) or none")
+    images: list[str] = Field(default_factory=list, max_items=training.MAX_IMAGES,
+                              description="reference images, base64 (together at most "
+                                          f"{training.MAX_TOTAL_PIXELS} pixels)")
+    masks: list[str | None] = Field(default_factory=list, max_items=training.MAX_IMAGES,
+                                    description="one per image (white = learn) or none")
     dataset_dir: str = Field("", description="a textual-inversion style folder inside the allowed roots")
     template: str = Field("", description="file name in the host's textual_inversion_templates")
     name_text: str = ""
@@ -73,8 +79,10 @@ class JobSummary(BaseModel):
 
 def to_request(body: TrainBody) -> training.TrainRequest:
     fields = body.dict()
-    fields["images"] = [training.decode_image(d, f"image {i + 1}") for i, d in enumerate(body.images)]
-    fields["masks"] = [None if d is None else training.decode_image(d, f"mask {i + 1}") for i, d in enumerate(body.masks)]
+    if body.masks and len(body.masks) != len(body.images):  # before decoding anything
+        raise ArgumentError(f"{len(body.masks)} masks for {len(body.images)} images; give one per image or none")
+    fields["images"] = training.decode_images(list(body.images), "image")
+    fields["masks"] = training.decode_images(list(body.masks), "mask")
     if fields["images"] and not body.prompt.strip():
         fields["prompt"] = training.prompt_from_infotext(fields["images"][0])
     request = training.TrainRequest(**fields)
@@ -82,24 +90,18 @@ def to_request(body: TrainBody) -> training.TrainRequest:
     return request
 
 
-def _http_error(e: AnimaError) -> HTTPException:
-    if isinstance(e, training.TrainingBusy) or "already exists" in str(e):
-        return HTTPException(status_code=409, detail=str(e))
-    return HTTPException(status_code=400, detail=str(e))
-
-
 def train(body: TrainBody) -> dict:
     try:
         return training.train(to_request(body))
     except AnimaError as e:
-        raise _http_error(e) from None
+        raise http_error(e) from None
 
 
 def start_job(body: TrainBody) -> JobSummary:
     try:
         job = jobs.start(to_request(body))
     except AnimaError as e:
-        raise _http_error(e) from None
+        raise http_error(e) from None
     return JobSummary(**job.summary())
 
 
@@ -111,14 +113,14 @@ def get_job(job_id: str, preview: bool = False, sweep: bool = False) -> JobSumma
     try:
         return JobSummary(**jobs.get(job_id).summary(with_preview=preview, with_sweep=sweep))
     except AnimaError as e:
-        raise HTTPException(status_code=404, detail=str(e)) from None
+        raise http_error(e) from None
 
 
 def interrupt_job(job_id: str) -> JobSummary:
     try:
         return JobSummary(**jobs.interrupt(job_id).summary())
     except AnimaError as e:
-        raise HTTPException(status_code=404, detail=str(e)) from None
+        raise http_error(e) from None
 
 
 def templates() -> list[str]:
@@ -127,9 +129,10 @@ def templates() -> list[str]:
     return sorted(textual_inversion.list_textual_inversion_templates())
 
 
-def add_routes(add_route: Callable[..., None]) -> None:
-    add_route(f"{PREFIX}/train", train, methods=["POST"])
-    add_route(f"{PREFIX}/train/jobs", start_job, methods=["POST"], response_model=JobSummary, status_code=202)
+def add_routes(add_route: Callable[..., Any]) -> None:
+    limit_body(add_route(f"{PREFIX}/train", train, methods=["POST"]), MAX_TRAIN_BODY_BYTES)
+    limit_body(add_route(f"{PREFIX}/train/jobs", start_job, methods=["POST"], response_model=JobSummary,
+                         status_code=202), MAX_TRAIN_BODY_BYTES)
     add_route(f"{PREFIX}/train/jobs", list_jobs, methods=["GET"], response_model=list[JobSummary])
     add_route(f"{PREFIX}/train/jobs/{{job_id}}", get_job, methods=["GET"], response_model=JobSummary)
     add_route(f"{PREFIX}/train/jobs/{{job_id}}/interrupt", interrupt_job, methods=["POST"], response_model=JobSummary)

@@ -15,9 +15,22 @@ def _before_ui() -> None:
     xyz.register()  # every script is loaded by now, and the plot's ui() (which lists the axes) has not run yet
 
 
+def host_serves_api() -> bool:
+    """Whether the host itself serves its HTTP API: ``--api``, or ``--nowebui`` (API only), as its webui.py decides.
+
+    Our routes can delete, upload, rename and train, so they exist only where the host's own ``/sdapi`` does (and
+    are then under its ``--api-auth``); without it, e.g. ``--listen --gradio-auth`` alone, they are not there.
+    The UI never calls them.
+    """
+    from modules import shared
+
+    return bool(getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False))
+
+
 def _app_started(_demo, app) -> None:
-    api.add_routes(app)
-    debug.add_routes(app)
+    if host_serves_api():
+        api.add_routes(app)
+        debug.add_routes(app)
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from lib_anima.errors import AnimaError, ArgumentError
+from lib_anima.errors import AnimaError, NotFoundError, TrainingBusy
 from lib_anima.webui import training
 
 MAX_KEPT = 20
@@ -61,10 +61,11 @@ _guard = threading.Lock()
 
 
 def start(req: training.TrainRequest) -> Job:
-    """Validate, claim the one training slot and run in a background thread; returns at once."""
-    req.validate()
+    """Check everything the synchronous route checks (so a bad request is refused before a job exists), claim
+    the one training slot and run in a background thread; returns at once."""
+    training.preflight(req)
     if not training._busy.acquire(blocking=False):
-        raise training.TrainingBusy("a training is already running; wait for it to finish or interrupt it")
+        raise TrainingBusy("a training is already running; wait for it to finish or interrupt it")
     try:
         job = Job(id=uuid.uuid4().hex, name=req.name)
         with _guard:
@@ -96,7 +97,7 @@ def get(job_id: str) -> Job:
     with _guard:
         job = _jobs.get(job_id)
     if job is None:
-        raise ArgumentError(f"no training job {job_id!r}")
+        raise NotFoundError(f"no training job {job_id!r}")
     return job
 
 

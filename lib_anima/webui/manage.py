@@ -9,7 +9,7 @@ from modules import call_queue, devices, shared
 
 from lib_anima.context import ReferenceContext
 from lib_anima.create import new_context
-from lib_anima.errors import AnimaError, ArgumentError
+from lib_anima.errors import AnimaError, ContextExistsError
 from lib_anima.layout import find_sites
 from lib_anima.webui import store
 
@@ -34,7 +34,7 @@ def save_new(context: ReferenceContext, name: str, overwrite: bool) -> str:
     library = store.library()
     path = library.path(name)
     if os.path.exists(path) and not overwrite:
-        raise ArgumentError(f"a context named {name!r} already exists; choose another name or allow overwrite")
+        raise ContextExistsError(f"a context named {name!r} already exists; choose another name or allow overwrite")
     context.name = name
     context.save(path)
     library.refresh()

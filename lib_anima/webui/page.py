@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import gradio as gr
 from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
 from modules.ui_extra_networks import quote_js
 
+from lib_anima import cards
 from lib_anima.context import MODES, SCALE_MAX
+from lib_anima.errors import AnimaError
 from lib_anima.webui import store
+
+log = logging.getLogger("anima")
 
 
 def _format_number(value: float) -> str:
     return f"{float(value):g}"
+
+
+def _description_is_html() -> bool:
+    return bool(getattr(shared.opts, "extra_networks_card_description_is_html", False))
 
 
 class ExtraNetworksPageAnima(ui_extra_networks.ExtraNetworksPage):
@@ -24,12 +33,16 @@ class ExtraNetworksPageAnima(ui_extra_networks.ExtraNetworksPage):
     def refresh(self) -> None:
         store.library().refresh()
 
-    def create_item(self, name: str, index: int | None = None, enable_filter: bool = True):
-        library = store.library()
+    def create_item(self, name: str, index: int | None = None, enable_filter: bool = True) -> dict:
         try:
-            info = library.info(name)
-        except Exception:
-            return None
+            return self._item(name, index)
+        except Exception as e:  # noqa: BLE001 - any failure, a bug too: a visible broken card, never a missing one
+            path = os.path.join(store.contexts_dir(), f"{name}.safetensors")
+            log.exception("anima: the Extra Networks card for %s could not be built", path)
+            return self._broken_item(name, path, index, e)
+
+    def _item(self, name: str, index: int | None) -> dict:
+        info = store.library().info(name)
         path = info.path
         base, _ = os.path.splitext(path)
         training = info.training
@@ -38,8 +51,10 @@ class ExtraNetworksPageAnima(ui_extra_networks.ExtraNetworksPage):
             "filename": path,
             "shorthash": info.shorthash,
             "preview": self.find_preview(base),
-            "description": self.find_description(base) or training.get("prompt", ""),
-            "search_terms": [self.search_terms_from_path(path), info.shorthash, info.arch, training.get("prompt", "")],
+            "description": self.find_description(base)
+            or cards.fallback_description(training, _description_is_html()),
+            "search_terms": cards.search_terms([self.search_terms_from_path(path), info.shorthash, info.arch,
+                                                cards.training_prompt(training)]),
             "local_preview": f"{base}.preview.{shared.opts.samples_format}",
             "metadata": {
                 "architecture": info.arch, "sites": info.n_sites, "tokens per site": info.n_tokens,
@@ -49,20 +64,38 @@ class ExtraNetworksPageAnima(ui_extra_networks.ExtraNetworksPage):
         }
         self.read_user_metadata(item)
         user = item["user_metadata"]
-        scale = user.get("preferred weight") or info.default_scale
-        mode = user.get("mode") or info.default_mode
+        where = f"{base}.json"
+        scale = cards.user_scale(user, info.default_scale, where)
+        mode = cards.user_mode(user, info.default_mode, where)
         suffix = "" if mode == "positive" else f":mode={mode}"
         item["prompt"] = quote_js(f"<anima:{name}:{_format_number(scale)}{suffix}>")
         activation_text = user.get("activation text")
         if activation_text:
-            item["prompt"] += " + " + quote_js(" " + activation_text)
+            item["prompt"] += " + " + quote_js(" " + str(activation_text))
         return item
+
+    def _broken_item(self, name: str, path: str, index: int | None, error: Exception) -> dict:
+        """A card that says why it could not be built (the log has the traceback); clicking it still inserts the
+        context at the default scale, whose problems then show as the usual warnings."""
+        problem = str(error) if isinstance(error, AnimaError) else f"{type(error).__name__}: {error}"
+        description = f"⚠ broken card: {problem} (see the WebUI log)"
+        base, _ = os.path.splitext(path)
+        try:
+            sort_keys = self.get_sort_keys(path)
+        except Exception:  # noqa: BLE001 - the file may be gone: sort it by name
+            sort_keys = {"name": name.lower(), "path": path.lower()}
+        return {
+            "name": name, "filename": path, "shorthash": "", "preview": None,
+            "description": cards.text(description) if _description_is_html() else description,
+            "search_terms": cards.search_terms([name, "broken"]),
+            "local_preview": f"{base}.preview.{shared.opts.samples_format}",
+            "metadata": {}, "sort_keys": {"default": index, **sort_keys},
+            "user_metadata": {"description": description}, "prompt": quote_js(f"<anima:{name}>"),
+        }
 
     def list_items(self):
         for index, name in enumerate(list(store.library().names())):
-            item = self.create_item(name, index)
-            if item is not None:
-                yield item
+            yield self.create_item(name, index)
 
     def allowed_directories_for_previews(self) -> list[str]:
         return [store.contexts_dir()]
@@ -89,18 +122,13 @@ class AnimaUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor
         self.write_user_metadata(name, user_metadata)
 
     def get_metadata_table(self, name):
-        table = super().get_metadata_table(name)
-        item = self.page.items.get(name, {})
-        meta = item.get("metadata") or {}
-        training = meta.get("training") or {}
-        table += [
-            ("Architecture: ", meta.get("architecture")),
-            ("Sites × tokens × dim: ", f"{meta.get('sites')} × {meta.get('tokens per site')} × {meta.get('context_dim')}"),
-        ]
-        for key in ("steps", "learning_rate", "references", "prompt", "base_model", "created"):
-            if key in training:
-                table.append((f"Training {key.replace('_', ' ')}: ", str(training[key])))
-        return table
+        # the host puts each value into its table's HTML as it is: every one is escaped (they come from files)
+        rows = list(super().get_metadata_table(name))
+        meta = self.page.items.get(name, {}).get("metadata") or {}
+        if meta:
+            rows += cards.context_rows(meta.get("architecture"), meta.get("sites"), meta.get("tokens per site"),
+                                       meta.get("context_dim"), meta.get("training") or {})
+        return cards.table_rows(rows)
 
     def put_values_into_components(self, name):
         user_metadata = self.get_user_metadata(name)

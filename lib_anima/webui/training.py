@@ -11,8 +11,6 @@ syntax, txt2img processing for previews, the textual-inversion log directory lay
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import csv
 import dataclasses
@@ -36,8 +34,9 @@ from modules import call_queue, devices, paths, prompt_parser, shared
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib_anima.create import MAX_TOKENS
-from lib_anima.errors import AnimaError, ArgumentError
+from lib_anima.errors import AnimaError, ArgumentError, ContextExistsError, TooLargeError, TrainingBusy
 from lib_anima.fileio import atomic_write_bytes
+from lib_anima.images import decode_base64, image_size
 from lib_anima.names import check_directory, check_name
 from lib_anima.train import (
     DiffusionSchedule,
@@ -55,16 +54,14 @@ log = logging.getLogger("anima")
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGES = 64
+# All reference images of one request together (decoded RGBA: 256 MiB); checked from the headers before decoding.
+MAX_TOTAL_PIXELS = 64 * 1024 * 1024
 MAX_STEPS = 100_000
 CAPTIONS_PER_IMAGE = 4  # template lines drawn per dataset image (each one text-encoded once, before the loop)
 ENCODE_CHUNK = 8
 STATE_FILE = "anima_state.safetensors"
 REQUEST_FILE = "anima_request.json"
 LOSS_FILE = "anima_loss.csv"
-
-
-class TrainingBusy(AnimaError):
-    """Another training is running (one at a time: they would share one model)."""
 
 
 # One training at a time across the tab, jobs and the synchronous route; taken before the queue lock so a
@@ -147,23 +144,32 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 # ---- inputs ----------------------------------------------------------------------------------------------------
 
 
-def decode_image(data: str, what: str = "an image") -> Image.Image:
-    """A base64 (optionally data-URL) image, checked for size; its mode is kept (alpha may be a loss weight)."""
-    if not isinstance(data, str):
-        raise ArgumentError(f"{what} must be a base64 string")
-    if data.strip().startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ArgumentError(f"{what} is not valid base64") from None
+def decode_images(datas: list[str | None], what: str) -> list[Image.Image | None]:
+    """Base64 (optionally data-URL) images, each ``None`` kept; their mode is kept (alpha may be a loss weight).
+
+    Every size is read from the file header first, and the count, each image's pixels and all of them together
+    (MAX_TOTAL_PIXELS) are checked before any image is decoded.
+    """
+    if len(datas) > MAX_IMAGES:
+        raise TooLargeError(f"give at most {MAX_IMAGES} {what}s, got {len(datas)}")
+    raws = [None if d is None else decode_base64(d, f"{what} {i + 1}") for i, d in enumerate(datas)]
+    total = 0
+    for i, raw in enumerate(raws):
+        if raw is not None:
+            width, height, _ = image_size(raw, f"{what} {i + 1}", MAX_IMAGE_PIXELS, formats=None)
+            total += width * height
+    if total > MAX_TOTAL_PIXELS:
+        raise TooLargeError(f"the {what}s have {total} pixels together; at most {MAX_TOTAL_PIXELS} are accepted "
+                            f"(they are resized to the training resolution anyway)")
+    return [None if raw is None else _opened_image(raw, f"{what} {i + 1}") for i, raw in enumerate(raws)]
+
+
+def _opened_image(raw: bytes, what: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ArgumentError(f"{what} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
         image.load()
         return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ArgumentError(f"{what} could not be decoded (PNG, JPEG or WebP expected)") from None
 
 
@@ -555,19 +561,31 @@ def _check_resume(req: TrainRequest, record: dict, fingerprint: str) -> None:
         raise ArgumentError("cannot resume: the training images, masks or captions differ from the saved run's")
 
 
+def preflight(req: TrainRequest) -> tuple[Callable[[int], float], str]:
+    """Every check a training makes before it starts, so a request is refused before it is queued or a job
+    exists: the fields, the name (taken without overwrite/resume: 409), the learning-rate schedule, the loaded
+    model, the saved state to resume, the dataset folder and template. Returns the parsed schedule."""
+    req.validate()
+    if os.path.exists(store.library().path(req.name)) and not (req.overwrite or req.resume):
+        raise ContextExistsError(f"a context named {req.name!r} already exists; choose another name or allow overwrite")
+    schedule = learn_rate(req.learning_rate, req.steps)
+    _check_model()
+    if req.resume:
+        find_resume_state(req)
+    if req.dataset_dir.strip():
+        check_dataset_dir(req.dataset_dir)
+        template_path(req.template)
+    return schedule
+
+
 def run(req: TrainRequest, progress: Progress | None = None) -> dict:
     """Train and save (the queue lock must be held). Returns a summary; raises AnimaError with a clear text."""
-    req.validate()
+    lr, lr_text = preflight(req)  # again under the lock: the folder or the model may have changed meanwhile
     progress = progress or Progress()
     if progress.interrupt_requested:  # interrupted while waiting for the queue
         return {"name": req.name, "hash": None, "steps": 0, "interrupted": True, "final_loss": None,
                 "log_directory": "", "seed": req.seed, "sweep": None}
-    library = store.library()
-    path = library.path(req.name)
-    if os.path.exists(path) and not (req.overwrite or req.resume):
-        raise ArgumentError(f"a context named {req.name!r} already exists; choose another name or allow overwrite")
-    lr, lr_text = learn_rate(req.learning_rate, req.steps)
-    _check_model()
+    path = store.library().path(req.name)
     arch = store.model_arch()
     size = req.resolution or (1024 if arch == "sdxl" else 512)
     state, record = None, {}
@@ -692,6 +710,7 @@ def _save_preview_image(req: TrainRequest, context_path: str, progress: Progress
 
 def train(req: TrainRequest, progress: Progress | None = None) -> dict:
     """Train under the queue lock with shared.state begun (the HTTP routes); refuses a second concurrent run."""
+    preflight(req)  # a bad request is told so (400/409) even while another training runs
     with exclusive():
         return locked_run(req, progress)
 

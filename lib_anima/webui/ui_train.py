@@ -9,6 +9,7 @@ its training prompt.
 from __future__ import annotations
 
 import html
+import os
 import random
 
 import gradio as gr
@@ -17,6 +18,7 @@ from modules.ui_components import FormRow, ToolButton
 
 from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
+from lib_anima.names import check_name
 from lib_anima.webui import store, sweep, training
 
 SOURCES = {  # host component after which a "send to Anima" button is created → the image it sends
@@ -43,6 +45,29 @@ def on_after_component(component, **kwargs) -> None:
             tab = source.split("_")[0]
             _send_buttons[source] = ToolButton("🅰️", elem_id=f"anima_send_from_{tab}",
                                                tooltip="Send this image to the Anima tab to train a context from it.")
+
+
+class ReferenceImage(gr.Image):
+    """The reference image with the sketch tool (draw on it to mark what to learn), taking an image with no mask.
+
+    Gradio's sketch preprocessing decodes the mask unconditionally, but the browser sends none until something
+    is drawn, so an upload (file chooser, drag and drop, paste) failed with ``'NoneType' object has no attribute
+    'rsplit'``. Here "nothing drawn" is simply no mask.
+    """
+
+    def get_block_name(self) -> str:  # the browser renders it as Gradio's own image component
+        return "image"
+
+    def preprocess(self, x):
+        if isinstance(x, dict) and not x.get("mask"):
+            return None if not x.get("image") else {"image": self._image(x["image"]), "mask": None}
+        return super().preprocess(x)
+
+    def _image(self, data: str):
+        from gradio import processing_utils
+
+        image = processing_utils.decode_base64_to_image(data)  # PNG text (the infotext) is kept in .info
+        return self._format_image(image.convert(self.image_mode))
 
 
 def _templates() -> list[str]:
@@ -129,8 +154,9 @@ def build_train(prefix: str) -> dict:
                 c["resume"] = gr.Checkbox(label="Resume the saved run of this name", value=False, elem_id=f"{prefix}_resume")
             with gr.Tabs():
                 with gr.Tab("Reference image"):
-                    c["image"] = gr.Image(label="Reference (draw on it to mark what to learn; optional)", type="pil",
-                                          image_mode="RGBA", source="upload", tool="sketch", elem_id=f"{prefix}_image")
+                    c["image"] = ReferenceImage(label="Reference (draw on it to mark what to learn; optional)",
+                                                type="pil", image_mode="RGBA", source="upload", tool="sketch",
+                                                elem_id=f"{prefix}_image")
                     c["mask"] = gr.Image(label="Mask upload (optional; white = learn)", type="pil", image_mode="L",
                                          source="upload", elem_id=f"{prefix}_mask")
                     c["prompt"] = gr.Textbox(label="Training prompt (filled from the image's infotext)", lines=2,
@@ -182,7 +208,7 @@ def build_train(prefix: str) -> dict:
                              "use_alpha", "init_text", "n_tokens", "weights", "steps", "learning_rate", "batch_size",
                              "grad_accumulation", "resolution", "flip", "seed", "save_every", "preview_every",
                              "preview_prompt", "sweep", "resume", "overwrite")]
-    c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None, None]),
+    c["done"] = c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None, None]),
                      _js=f"(...args) => animaStartJob('{prefix}', args)",
                      inputs=inputs, outputs=[c["preview"], c["sweep_image"], c["output"]])  # the host's error text goes last
     c["interrupt"].click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
@@ -209,9 +235,76 @@ def _contexts_table() -> str:
             + (f"<p>Unreadable files:</p><ul>{errors}</ul>" if errors else ""))
 
 
-def _refreshed_table() -> tuple[str, dict]:
-    store.library().refresh()
-    return _contexts_table(), gr.update(choices=store.library().names())
+def _listed() -> tuple[str, dict]:
+    """The folder reread: the table, and every file's name (broken ones too) for the delete/rename choice."""
+    library = store.library()
+    library.refresh()
+    names = sorted({*library.names(), *library.errors()}, key=str.lower)
+    return _contexts_table(), gr.update(choices=names, value=names[0] if names else None)
+
+
+def _listed_everywhere() -> tuple[str, dict, dict]:
+    """The Contexts table and choice, and the Compare choice (valid contexts only)."""
+    table, chosen = _listed()
+    return table, chosen, gr.update(choices=store.library().names())
+
+
+def _done(message: str) -> tuple[str, dict, str]:
+    return (*_listed(), f"<p class='anima-status'>{html.escape(message)}</p>")
+
+
+def _failed(error: Exception) -> tuple[dict, dict, str]:
+    return gr.update(), gr.update(), f"<p class='anima-error'>{html.escape(str(error))}</p>"
+
+
+def _delete(name: str | None, confirmed: bool) -> tuple:
+    """The Delete button, after the browser's confirmation: what ``DELETE /anima/v1/contexts/{name}`` runs."""
+    if not name or not confirmed:
+        return gr.update(), gr.update(), "<p class='anima-status'>Nothing deleted.</p>"
+    try:
+        removed = store.library().delete(name)
+    except (AnimaError, OSError) as e:
+        return _failed(e)
+    return _done(f"Deleted {name}: {', '.join(os.path.basename(p) for p in removed)}")
+
+
+def _rename(name: str | None, new_name: str, overwrite: bool, confirmed: bool) -> tuple:
+    """The Rename button, after the browser's confirmation: what ``POST /anima/v1/contexts/{name}/rename`` runs."""
+    if not name or not confirmed:
+        return gr.update(), gr.update(), "<p class='anima-status'>Nothing renamed.</p>"
+    try:
+        store.library().rename(name, check_name((new_name or "").strip()), bool(overwrite))
+    except (AnimaError, OSError) as e:
+        return _failed(e)
+    return _done(f"Renamed {name} to {new_name.strip()}")
+
+
+# Asks in the browser before the change is sent; the last input (a hidden checkbox) carries the answer.
+_CONFIRM_DELETE = "(name, ok) => [name, confirm('Delete the context ' + name + ' and its previews?')]"
+_CONFIRM_RENAME = ("(name, to, overwrite, ok) => [name, to, overwrite, "
+                   "confirm('Rename the context ' + name + ' to ' + to + (overwrite ? ', replacing it' : '') + '?')]")
+
+
+def build_contexts() -> dict:
+    """The Contexts list with Refresh, Delete and Rename; filled on page load and when its tab is selected."""
+    c: dict = {}
+    c["refresh"] = gr.Button("Refresh", elem_id="anima_contexts_refresh")
+    c["table"] = gr.HTML("", elem_id="anima_contexts_table")
+    with FormRow():
+        c["chosen"] = gr.Dropdown(label="Context", choices=[], elem_id="anima_contexts_chosen")
+        c["new_name"] = gr.Textbox(label="New name", elem_id="anima_contexts_new_name")
+        c["overwrite"] = gr.Checkbox(label="Replace an existing context", value=False, elem_id="anima_contexts_overwrite")
+    with gr.Row():
+        c["rename"] = gr.Button("Rename", elem_id="anima_contexts_rename")
+        c["delete"] = gr.Button("Delete", variant="stop", elem_id="anima_contexts_delete")
+    c["status"] = gr.HTML(elem_id="anima_contexts_status")
+    confirmed = gr.Checkbox(visible=False, value=False)
+    changed = [c["table"], c["chosen"], c["status"]]
+    c["delete"].click(fn=_delete, _js=_CONFIRM_DELETE, inputs=[c["chosen"], confirmed], outputs=changed)
+    c["rename"].click(fn=_rename, _js=_CONFIRM_RENAME,
+                      inputs=[c["chosen"], c["new_name"], c["overwrite"], confirmed], outputs=changed)
+    return c
+
 
 
 # ---- Compare: the scale sweep of an existing context, with a prompt the user types --------------------------------
@@ -279,11 +372,13 @@ def on_ui_tabs():
         with gr.Tabs(elem_id="anima_tabs"):
             with gr.Tab("Train", elem_id="anima_tabs_train"):
                 form = build_train("anima_tab")
-            with gr.Tab("Contexts", elem_id="anima_tabs_contexts"):
-                refresh = gr.Button("Refresh", elem_id="anima_contexts_refresh")
-                table = gr.HTML(_contexts_table(), elem_id="anima_contexts_table")
+            with gr.Tab("Contexts", elem_id="anima_tabs_contexts") as contexts_tab:
+                contexts = build_contexts()
                 compare = build_compare()
-                refresh.click(fn=_refreshed_table, inputs=[], outputs=[table, compare["name"]])
+        listed = [contexts["table"], contexts["chosen"], compare["name"]]
+        # the folder changes under a running WebUI (trainings, files dropped in): never show the startup list
+        for event in (tab.load, contexts_tab.select, contexts["refresh"].click, form["done"].then):
+            event(fn=_listed_everywhere, inputs=[], outputs=listed)
         _bind_send_buttons(form)
     return [(tab, "Anima", "anima")]
 

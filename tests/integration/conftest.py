@@ -4,20 +4,35 @@ import pytest
 
 from tests.integration import webui_client as client
 
+# Which kind of host tests/run.sh started for this pytest run: "api" (the usual, with --api), "no-api" (started
+# without --api: tests/host_without_api.sh) or "api-auth" (--api-auth). Each test runs against one kind (marker
+# `host`, default "api"); the others are deselected, and pytest's summary counts them.
+HOST_KIND = os.environ.get("ANIMA_HOST_KIND", "api")
+HOST_KINDS = ("api", "no-api", "api-auth")
+
+
+def pytest_configure(config):
+    if HOST_KIND not in HOST_KINDS:
+        raise pytest.UsageError(f"ANIMA_HOST_KIND={HOST_KIND!r}: expected one of {', '.join(HOST_KINDS)}")
+
 
 def pytest_collection_modifyitems(config, items):
+    keep, other_hosts = [], []
     for item in items:
-        if "integration" in str(item.fspath):
-            item.add_marker(pytest.mark.integration)
+        if "integration" not in str(item.fspath):
+            keep.append(item)
+            continue
+        item.add_marker(pytest.mark.integration)
+        marker = item.get_closest_marker("host")
+        (keep if (marker.args[0] if marker else "api") == HOST_KIND else other_hosts).append(item)
+    if other_hosts:
+        config.hook.pytest_deselected(items=other_hosts)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
 def webui() -> str:
-    """The running WebUI's URL. In CI its absence is a failure; locally, a visible skip."""
-    if not client.URL:
-        if os.environ.get("CI"):
-            pytest.fail("ANIMA_WEBUI_URL is not set: the WebUI host was not started (tests/run.sh starts it)")
-        pytest.skip("no WebUI running (set ANIMA_WEBUI_URL, or run tests/run.sh)")
+    """The running WebUI's URL (tests/conftest.py stops a run that has none)."""
     try:
         client.get("/anima/v1/status").raise_for_status()
     except Exception as e:  # noqa: BLE001

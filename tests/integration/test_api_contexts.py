@@ -201,3 +201,22 @@ def test_generation_args_are_checked_before_the_queue(ctx):
     assert r.json()["error"] == "HTTPException"
     ok = client.post("/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"anima": {"args": [{"units": [{"name": ctx["name"]}]}]}}})
     assert ok.status_code == 200
+
+
+def test_requests_without_anima_are_not_parsed(ctx):
+    """The generation check parses a body only when its bytes could concern anima (a JSON escape could spell it)."""
+    def parsed_by(send) -> int:
+        before = client.status()["checked_requests"]
+        send()
+        return client.status()["checked_requests"] - before
+
+    plain = {"prompt": "a dog", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"other": {"args": []}}}
+    assert parsed_by(lambda: client.txt2img("a dog", steps=1)) == 0
+    assert parsed_by(lambda: client.post("/sdapi/v1/txt2img", plain)) == 0
+    assert parsed_by(lambda: client.txt2img(f"a dog <anima:{ctx['name']}:1>", steps=1)) == 1
+    escaped = b'{"prompt": "a dog <\\u0061nima:' + ctx["name"].encode() + b':1>", "steps": 1, "width": 64, "height": 64}'
+    r = requests.post(client.URL + "/sdapi/v1/txt2img", data=escaped, headers={"content-type": "application/json"},
+                      timeout=300)
+    assert r.status_code == 200 and f"name: {ctx['name']}" in r.json()["info"]
+    assert parsed_by(lambda: requests.post(client.URL + "/sdapi/v1/txt2img", data=escaped.replace(b"1>", b"9>"),
+                                           headers={"content-type": "application/json"}, timeout=300)) == 1

@@ -97,9 +97,7 @@ def test_generation_during_training_waits_and_comes_out_right(two):
                 "B": client.txt2img(anima_args=[True, b, 1.0, "positive", 0, 1, ""], seed=31).png_b64}
     r = client.post("/anima/v1/train/jobs", {"name": "itest_conc_train", "images": [plain.png_b64[0]], "prompt": "a dog",
                                              "steps": 30, "resolution": 64, "overwrite": True, "seed": 1})
-    if r.status_code == 404:
-        pytest.skip("no training jobs route on this host")
-    assert r.status_code == 202, r.text
+    assert r.status_code == 202, r.text  # a 404 here is the extension's own route missing: a failure
     job_id = r.json()["id"]
     deadline = time.time() + 120
     while client.get(f"/anima/v1/train/jobs/{job_id}").json()["state"] != "running" and time.time() < deadline:

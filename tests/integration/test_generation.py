@@ -146,23 +146,29 @@ def test_hooks_present_during_sampling_and_gone_after(ctx):
 
 
 def test_interrupt_leaves_no_hooks(ctx):
+    name = ctx["name"]
+    plain_before, ctx_before = txt2img(), txt2img(f"a photo of a dog <anima:{name}:1>")  # before any interrupt
     result: dict = {}
 
     def run():
-        result["r"] = client.post("/sdapi/v1/txt2img", {"prompt": f"x <anima:{ctx['name']}:1>", "steps": 400,
+        result["r"] = client.post("/sdapi/v1/txt2img", {"prompt": f"x <anima:{name}:1>", "steps": 400,
                                                         "width": 64, "height": 64, "seed": 1})
 
     worker = threading.Thread(target=run)
     worker.start()
     deadline = time.time() + 60
-    while client.status()["hooks_installed"] == 0 and time.time() < deadline:
+    while client.status()["hooks_installed"] < 17 and time.time() < deadline:
         time.sleep(0.05)
+    assert client.status()["hooks_installed"] == 17, "sampling with the context did not start: nothing to interrupt"
+    started = time.time()
     client.post("/sdapi/v1/interrupt")
-    worker.join()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert time.time() - started < 8, "the interrupt did not stop the 400-step run early"
     assert result["r"].status_code == 200
     assert client.status()["hooks_installed"] == 0
-    plain = txt2img()
-    assert plain.png_b64 == txt2img().png_b64
+    assert txt2img().png_b64 == plain_before.png_b64, "a plain image after the interrupt differs from one before"
+    assert txt2img(f"a photo of a dog <anima:{name}:1>").png_b64 == ctx_before.png_b64
 
 
 def test_batching_layouts_give_the_same_image(ctx):

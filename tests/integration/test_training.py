@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -110,7 +111,10 @@ def test_job_poll_interrupt_409_and_queued_generation(webui):
     assert running["state"] == "running" and running["steps"] == 400 and running["loss"] is not None
     second = client.post("/anima/v1/train/jobs", {**BASE, "images": [reference], "name": "itest_job2", "steps": 2})
     assert second.status_code == 409 and "already running" in second.json()["detail"]
-    assert client.post("/anima/v1/train", {**BASE, "images": ["x"], "name": "itest_job3"}).status_code in (400, 409)
+    # while it runs: a malformed request is still told what is wrong (400); a good one is refused as busy (409)
+    assert client.post("/anima/v1/train", {**BASE, "images": ["x"], "name": "itest_job3"}).status_code == 400
+    busy = client.post("/anima/v1/train", {**BASE, "images": [reference], "name": "itest_job3", "steps": 2})
+    assert busy.status_code == 409 and "already running" in busy.json()["detail"]
     generated = {}
     queued = threading.Thread(target=lambda: generated.update(result=txt2img()))
     queued.start()  # waits for the queue lock, i.e. for the job to end
@@ -214,3 +218,93 @@ def test_train_on_other_architectures(webui, checkpoint, arch, dim):
         assert changed.png_b64 != before.png_b64
     finally:
         client.set_checkpoint("tiny")
+
+
+# ---- request checks before any work: sizes, names, every 400/409 before a job exists -------------------------------
+
+
+def _png_b64(size: tuple[int, int] = (8, 8)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 20, 20)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _header_only_png(width: int, height: int) -> str:
+    """A PNG that claims width x height but holds no pixels: only a check of the headers can refuse it cheaply."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+def _job_ids() -> set[str]:
+    return {job["id"] for job in client.get("/anima/v1/train/jobs").json()}
+
+
+def test_image_count_and_pixels_are_bounded_before_decoding(webui):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainBody"]["properties"]
+    assert schema["images"]["maxItems"] == 64 and schema["masks"]["maxItems"] == 64  # shown in /docs
+    body = {**BASE, "name": "itest_limits", "steps": 1}
+    too_many = client.post("/anima/v1/train", {**body, "images": [_png_b64()] * 65})
+    assert too_many.status_code == 422 and "64" in too_many.text
+    # five 4096 x 4096 images: each allowed alone, together over the budget; refused from their headers alone
+    # (these hold no pixel data, so decoding one would fail with a 400 instead)
+    huge = client.post("/anima/v1/train/jobs", {**body, "images": [_header_only_png(4096, 4096)] * 5})
+    assert huge.status_code == 413, huge.text
+    assert "pixels together" in huge.json()["detail"]
+    over = client.post("/anima/v1/train", {**body, "images": [_header_only_png(8192, 4096)]})
+    assert over.status_code == 400 and "8192x4096" in over.json()["detail"]
+
+
+def test_training_body_size_is_bounded_before_it_is_read(webui):
+    """A declared body over the limit is answered at once (413), before the server reads or parses it."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(client.URL)
+    for path in ("/anima/v1/train", "/anima/v1/train/jobs"):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        try:
+            conn.putrequest("POST", path)
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(512 * 1024 * 1024))
+            conn.endheaders(b'{"name": "itest_body", "images": ["')  # the rest never comes
+            response = conn.getresponse()
+            assert response.status == 413, (path, response.status)
+            assert "at most" in json.loads(response.read())["detail"]
+        finally:
+            conn.close()
+
+
+def test_jobs_refuse_up_front_what_the_sync_route_refuses(webui):
+    """409 / 400 before a job exists: a taken name, a bad schedule, a missing resume state, a bad template."""
+    client.create_context("itest_taken")
+    reference = _png_b64((64, 64))
+    body = {**BASE, "images": [reference], "steps": 2}
+    before = _job_ids()
+    taken = client.post("/anima/v1/train/jobs", {**body, "name": "itest_taken", "overwrite": False})
+    assert taken.status_code == 409 and "already exists" in taken.json()["detail"], taken.text
+    for bad in ({"learning_rate": "0.01:abc"}, {"resume": True, "name": "itest_never_trained"},
+                {"images": [], "dataset_dir": "/etc"}):
+        r = client.post("/anima/v1/train/jobs", {**body, "name": "itest_job_bad", **bad})
+        assert r.status_code == 400, (bad, r.text)
+    assert _job_ids() == before, "a refused request must not leave a job behind"
+    assert client.get("/anima/v1/contexts/itest_taken").status_code == 200
+
+
+def test_status_comes_from_the_error_not_its_words(webui):
+    """A learning rate that reads "already exists" is a bad value (400), not a name conflict (409)."""
+    body = {**BASE, "images": [_png_b64((64, 64))], "name": "itest_words", "steps": 2, "learning_rate": "already exists"}
+    for route in ("/anima/v1/train", "/anima/v1/train/jobs"):
+        r = client.post(route, body)
+        assert r.status_code == 400 and "learning rate" in r.json()["detail"], (route, r.text)

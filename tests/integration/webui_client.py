@@ -98,3 +98,26 @@ def assert_rows(expected: dict[int, tuple[list[int], list[int]]]) -> list[dict]:
 def set_checkpoint(name: str) -> None:
     r = post("/sdapi/v1/options", {"sd_model_checkpoint": name})
     assert r.status_code == 200, r.text
+
+
+def upload_context(name: str, data: bytes) -> dict:
+    r = requests.post(f"{URL}/anima/v1/contexts/{name}/file?overwrite=true", data=data,
+                      headers={"content-type": "application/octet-stream"}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def delete_context(name: str) -> None:
+    requests.delete(f"{URL}/anima/v1/contexts/{name}", timeout=60)
+
+
+def with_training(data: bytes, training: dict) -> bytes:
+    """A context file with its ``anima.training`` metadata replaced (what anyone could put in a shared file)."""
+    import struct
+
+    from safetensors.torch import load, save
+
+    (header_len,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8:8 + header_len])["__metadata__"]
+    meta["anima.training"] = json.dumps(training)
+    return save(load(data), metadata=meta)

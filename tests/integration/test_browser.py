@@ -115,6 +115,21 @@ def test_send_to_anima_then_train(page, ui_trained):
     assert not [bad for bad in ("Traceback", "*** Error", "AttributeError") if bad in logged], logged[-3000:]
 
 
+def _natural_size(page, selector: str) -> tuple[int, int]:
+    image = page.locator(selector).first
+    image.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; }",
+                           arg=selector)
+    return tuple(image.evaluate("i => [i.naturalWidth, i.naturalHeight]"))
+
+
+def test_sweep_grid_shown_after_training(page, ui_trained):
+    width, height = _natural_size(page, "#anima_tab_sweep_image img")
+    assert width == 5 * 64 and height > 64, (width, height)
+    text = page.evaluate("document.querySelector('#anima_tab_output').innerText")
+    assert "Scale sweep (scale 0, scale 0.5, scale 1, scale 1.5, scale 1 negative" in text, text
+
+
 # ---- the Anima tab: upload, drag and drop, a drawn mask; the Contexts list -------------------------------------
 
 DROP_FILE = """async ([selector, b64]) => {
@@ -300,21 +315,6 @@ def test_card_that_cannot_be_built_is_shown_broken(page, ctx):
     finally:
         os.remove(sidecar)
         client.delete_context(BROKEN)
-
-
-def _natural_size(page, selector: str) -> tuple[int, int]:
-    image = page.locator(selector).first
-    image.wait_for(state="visible", timeout=60_000)
-    page.wait_for_function("s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; }",
-                           arg=selector)
-    return tuple(image.evaluate("i => [i.naturalWidth, i.naturalHeight]"))
-
-
-def test_sweep_grid_shown_after_training(page, ui_trained):
-    width, height = _natural_size(page, "#anima_tab_sweep_image img")
-    assert width == 5 * 64 and height > 64, (width, height)
-    text = page.evaluate("document.querySelector('#anima_tab_output').innerText")
-    assert "Scale sweep (scale 0, scale 0.5, scale 1, scale 1.5, scale 1 negative" in text, text
 
 
 def _image_pixels(page, selector: str) -> np.ndarray:

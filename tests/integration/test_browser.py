@@ -42,10 +42,21 @@ def page(webui, ctx, js_errors, dialogs):
         yield page
 
 
+IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "images")
+
+
+def screenshot(locator, name: str) -> None:
+    """The README's pictures: `ANIMA_SCREENSHOTS=1 bash tests/run.sh -k browser` writes them to docs/images/."""
+    if os.environ.get("ANIMA_SCREENSHOTS"):
+        os.makedirs(IMAGES, exist_ok=True)
+        locator.screenshot(path=os.path.join(IMAGES, name))
+
+
 def test_card_click_inserts_prompt(page, ctx, js_errors):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Anima").first.click()
     card = page.locator(f'#txt2img_anima_cards .card[data-name="{ctx["name"]}"]')
     card.wait_for(state="visible")
+    screenshot(page.locator("#txt2img_anima_cards"), "cards.png")
     expected = f"<anima:{ctx['name']}:1>"
     card.click()
     try:  # cardClicked sets the value synchronously; the wait only absorbs the browser round trip
@@ -62,6 +73,10 @@ def test_panel_is_shown_in_txt2img(page):
     accordion = page.locator("#anima_txt2img_enabled")
     accordion.wait_for(state="visible")
     assert "Anima reference context" in accordion.inner_text()
+    if os.environ.get("ANIMA_SCREENSHOTS"):  # open, with its first unit filled, for the picture
+        page.evaluate("inputAccordionChecked('anima_txt2img_enabled', true)")
+        screenshot(accordion, "panel.png")
+        page.evaluate("inputAccordionChecked('anima_txt2img_enabled', false)")
 
 
 def test_paste_infotext_restores_panel(page, ctx):
@@ -128,6 +143,7 @@ def test_sweep_grid_shown_after_training(page, ui_trained):
     assert width == 5 * 64 and height > 64, (width, height)
     text = page.evaluate("document.querySelector('#anima_tab_output').innerText")
     assert "Scale sweep (scale 0, scale 0.5, scale 1, scale 1.5, scale 1 negative" in text, text
+    screenshot(page.locator("#tab_anima"), "train.png")
 
 
 # ---- the Anima tab: upload, drag and drop, a drawn mask; the Contexts list -------------------------------------
@@ -352,9 +368,6 @@ def test_compare_in_contexts_list(page, ctx):
     assert f"{ctx['name']}: Scale sweep (scale 0" in output, output
 
 
-SCREENSHOT = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "images", "xyz.png")
-
-
 def _pick(page, dropdown: str, option: str) -> None:
     page.locator(f"{dropdown} input").click()
     page.locator("ul.options li", has_text=option).first.click()
@@ -404,8 +417,6 @@ def test_xyz_plot_with_anima_axes_in_the_ui(page, ctx):
         assert "Y Type: Anima mode" in info and 'X Values: "0, 0.5, 1, 1.5"' in info, info
         width, height = _natural_size(page, "#txt2img_gallery img")
         assert width > 4 * 128 and height > 2 * 128, (width, height)  # the 4 x 2 cells and the legend
-        if os.environ.get("ANIMA_SCREENSHOTS"):  # the README's picture: ANIMA_SCREENSHOTS=1 bash tests/run.sh -k xyz
-            os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-            page.locator("#txt2img_gallery img").first.screenshot(path=SCREENSHOT)
+        screenshot(page.locator("#txt2img_gallery img").first, "xyz.png")
     finally:  # leave txt2img without a script for whatever runs next
         _pick(page, "#txt2img_script_container #script_list", "None")

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 from secrets import compare_digest
 from typing import Any
 
@@ -306,45 +307,43 @@ async def refuse_lone_surrogates(request: Request) -> None:
         raise HTTPException(status_code=422, detail=f"{where} is not valid Unicode text (a lone surrogate escape)")
 
 
-def add_routes(app: FastAPI) -> None:
-    dependencies = [*auth_dependencies(), Depends(refuse_lone_surrogates)]
+class _Endpoints:
+    """The context routes' endpoints (bound methods: the contexts they return carry preview URLs of `app`)."""
 
-    def add_route(path: str, endpoint, **kwargs) -> APIRoute:
-        kwargs.setdefault("tags", TAGS)
-        app.add_api_route(path, endpoint, dependencies=dependencies, **kwargs)
-        return app.router.routes[-1]
+    def __init__(self, app: FastAPI):
+        self.app = app
 
-    def list_contexts() -> ContextList:
+    def list_contexts(self) -> ContextList:
         """Every valid context with its metadata; unreadable files under `errors`."""
-        return _listing(app)
+        return _listing(self.app)
 
-    def refresh_contexts() -> ContextList:
+    def refresh_contexts(self) -> ContextList:
         """Reread the contexts folder (added, changed, deleted files) and list it."""
         try:
             store.library().refresh()
         except AnimaError as e:
             raise http_error(e) from None
-        return _listing(app)
+        return _listing(self.app)
 
-    def get_context(name: str) -> ContextSummary:
+    def get_context(self, name: str) -> ContextSummary:
         """One context (404 unknown; 400 a broken file or an invalid name, with why)."""
         _name(name)
         try:
-            return _summary(name, app)
+            return _summary(name, self.app)
         except (AnimaError, OSError) as e:
             raise http_error(e) from None
 
-    def create(req: CreateRequest) -> ContextSummary:
+    def create(self, req: CreateRequest) -> ContextSummary:
         """An untrained context for the loaded model (from `init_text`, else random with `seed` and `std`)."""
         from lib_anima.webui import manage
 
         try:
             context = manage.create_context(req.name, req.n_tokens, req.init_text, req.seed, req.std, req.overwrite)
-            return _summary(context.name, app)
+            return _summary(context.name, self.app)
         except (AnimaError, OSError) as e:
             raise http_error(e) from None
 
-    def delete(name: str) -> Deleted:
+    def delete(self, name: str) -> Deleted:
         """Delete a context file (valid or broken) with its previews and user metadata."""
         _name(name)
         try:
@@ -353,17 +352,17 @@ def add_routes(app: FastAPI) -> None:
             raise http_error(e) from None
         return Deleted(name=name, files=[os.path.basename(p) for p in removed])
 
-    def rename(name: str, req: RenameRequest) -> ContextSummary:
+    def rename(self, name: str, req: RenameRequest) -> ContextSummary:
         """Rename a context (and its previews / user metadata); 409 if `new_name` exists and not `overwrite`."""
         _name(name)
         _name(req.new_name)
         try:
             store.library().rename(name, req.new_name, req.overwrite)
-            return _summary(req.new_name, app)
+            return _summary(req.new_name, self.app)
         except (AnimaError, OSError) as e:
             raise http_error(e) from None
 
-    def download(name: str) -> FileResponse:
+    def download(self, name: str) -> FileResponse:
         """The context's .safetensors file."""
         _name(name)
         try:
@@ -372,7 +371,7 @@ def add_routes(app: FastAPI) -> None:
             raise http_error(e) from None
         return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.safetensors")
 
-    async def upload(name: str, request: Request, overwrite: bool = False) -> ContextSummary:
+    async def upload(self, name: str, request: Request, overwrite: bool = False) -> ContextSummary:
         """Add a context file: raw bytes, multipart field `file`, or JSON `{"data": base64}`.
 
         Checked like a file in the folder (format, shapes, dtypes, NaN/Inf) before it takes the name; at most
@@ -383,11 +382,11 @@ def add_routes(app: FastAPI) -> None:
         overwrite = overwrite or _flag(fields.get("overwrite", False), "overwrite")
         try:
             await run_in_threadpool(store.library().import_bytes, name, raw, overwrite)
-            return _summary(name, app)
+            return _summary(name, self.app)
         except (AnimaError, OSError) as e:
             raise http_error(e) from None
 
-    def get_preview(name: str) -> FileResponse:
+    def get_preview(self, name: str) -> FileResponse:
         """The context's preview image, if it has one (404 otherwise)."""
         _name(name)
         path = store.library().preview(name)
@@ -395,7 +394,7 @@ def add_routes(app: FastAPI) -> None:
             raise HTTPException(status_code=404, detail=f"context {name!r} has no preview image")
         return FileResponse(path)
 
-    async def set_preview(name: str, request: Request) -> ContextSummary:
+    async def set_preview(self, name: str, request: Request) -> ContextSummary:
         """Store a preview image (PNG/JPEG/WebP/GIF, raw, multipart `file` or JSON `{"image": base64}`) as name.png."""
         _name(name)
         raw, _ = await _file_from_body(request, MAX_PREVIEW_BYTES, "image")
@@ -403,11 +402,11 @@ def add_routes(app: FastAPI) -> None:
             store.library().file_path(name)
             png = await run_in_threadpool(_png_preview, raw)  # decoding a large image must not stall the server
             atomic_write_bytes(sidecar_path(store.contexts_dir(), name, ".png"), png)
-            return _summary(name, app)
+            return _summary(name, self.app)
         except (AnimaError, OSError) as e:
             raise http_error(e) from None
 
-    def status() -> Status:
+    def status(self) -> Status:
         """Version, the loaded model's architecture, hooks installed now (0 outside sampling), context loads."""
         from modules import shared
 
@@ -416,32 +415,62 @@ def add_routes(app: FastAPI) -> None:
                       model_architecture=store.model_arch() if loaded else None,
                       context_loads=store.library().load_count, checked_requests=api_guard.parsed_bodies)
 
-    upload_body = {"requestBody": {"content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "string", "format": "binary"}, "overwrite": {"type": "boolean"}}}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "data": {"type": "string", "description": "the file, base64"}, "overwrite": {"type": "boolean"}}}},
-    }}}
-    preview_body = {"requestBody": {"content": {
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "application/json": {"schema": {"type": "object", "properties": {"image": {"type": "string"}}}},
-    }}}
-    ctx = f"{PREFIX}/contexts/{{name}}"
-    add_route(f"{PREFIX}/contexts", list_contexts, methods=["GET"], response_model=ContextList)
-    add_route(f"{PREFIX}/contexts", create, methods=["POST"], response_model=ContextSummary)
+
+UPLOAD_BODY = {"requestBody": {"content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}, "overwrite": {"type": "boolean"}}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "data": {"type": "string", "description": "the file, base64"}, "overwrite": {"type": "boolean"}}}},
+}}}
+PREVIEW_BODY = {"requestBody": {"content": {
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": {"type": "object", "properties": {"image": {"type": "string"}}}},
+}}}
+
+
+RouteAdder = Callable[..., APIRoute]
+
+
+def add_routes(app: FastAPI) -> None:
+    """Every /anima/v1 route, under the host's --api-auth; the order matters where paths overlap."""
+    dependencies = [*auth_dependencies(), Depends(refuse_lone_surrogates)]
+
+    def add_route(path: str, endpoint, **kwargs) -> APIRoute:
+        kwargs.setdefault("tags", TAGS)
+        app.add_api_route(path, endpoint, dependencies=dependencies, **kwargs)
+        return app.router.routes[-1]
+
     from lib_anima.webui import api_train
 
+    endpoints = _Endpoints(app)
+    _add_collection_routes(add_route, endpoints)
     api_train.add_routes(add_route)
-    add_route(f"{PREFIX}/refresh", refresh_contexts, methods=["POST"], response_model=ContextList)
-    add_route(ctx, get_context, methods=["GET"], response_model=ContextSummary)
-    add_route(ctx, delete, methods=["DELETE"], response_model=Deleted)
-    add_route(f"{ctx}/rename", rename, methods=["POST"], response_model=ContextSummary)
-    add_route(f"{ctx}/file", download, methods=["GET"], response_class=FileResponse)
-    add_route(f"{ctx}/file", upload, methods=["POST"], response_model=ContextSummary, status_code=201,
-              openapi_extra=upload_body)
-    add_route(f"{ctx}/preview", get_preview, methods=["GET"], response_class=FileResponse)
-    add_route(f"{ctx}/preview", set_preview, methods=["POST"], response_model=ContextSummary, openapi_extra=preview_body)
-    add_route(f"{PREFIX}/status", status, methods=["GET"], response_model=Status)
+    _add_context_routes(add_route, endpoints)
+    _add_file_routes(add_route, endpoints)
+    add_route(f"{PREFIX}/status", endpoints.status, methods=["GET"], response_model=Status)
     api_guard.install(app, authorized)
+
+
+def _add_collection_routes(add_route: RouteAdder, ep: _Endpoints) -> None:
+    add_route(f"{PREFIX}/contexts", ep.list_contexts, methods=["GET"], response_model=ContextList)
+    add_route(f"{PREFIX}/contexts", ep.create, methods=["POST"], response_model=ContextSummary)
+    add_route(f"{PREFIX}/refresh", ep.refresh_contexts, methods=["POST"], response_model=ContextList)
+
+
+def _add_context_routes(add_route: RouteAdder, ep: _Endpoints) -> None:
+    one = f"{PREFIX}/contexts/{{name}}"
+    add_route(one, ep.get_context, methods=["GET"], response_model=ContextSummary)
+    add_route(one, ep.delete, methods=["DELETE"], response_model=Deleted)
+    add_route(f"{one}/rename", ep.rename, methods=["POST"], response_model=ContextSummary)
+
+
+def _add_file_routes(add_route: RouteAdder, ep: _Endpoints) -> None:
+    one = f"{PREFIX}/contexts/{{name}}"
+    add_route(f"{one}/file", ep.download, methods=["GET"], response_class=FileResponse)
+    add_route(f"{one}/file", ep.upload, methods=["POST"], response_model=ContextSummary, status_code=201,
+              openapi_extra=UPLOAD_BODY)
+    add_route(f"{one}/preview", ep.get_preview, methods=["GET"], response_class=FileResponse)
+    add_route(f"{one}/preview", ep.set_preview, methods=["POST"], response_model=ContextSummary,
+              openapi_extra=PREVIEW_BODY)

@@ -45,9 +45,7 @@ def on_after_component(component, **kwargs) -> None:
 
 
 def _templates() -> list[str]:
-    from modules.textual_inversion import textual_inversion
-
-    return sorted(textual_inversion.list_textual_inversion_templates())
+    return sorted(training.templates())
 
 
 def _image_and_mask(value) -> tuple:

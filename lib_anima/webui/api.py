@@ -33,7 +33,7 @@ from lib_anima.fileio import atomic_write_bytes
 from lib_anima.images import decode_base64, open_image
 from lib_anima.library import ContextExistsError, UnknownContextError
 from lib_anima.names import check_name, sidecar_path
-from lib_anima.webui import api_guard, generation, store
+from lib_anima.webui import api_guard, generation, host, store
 
 PREFIX = "/anima/v1"
 TAGS = ["anima"]
@@ -89,6 +89,8 @@ class Status(BaseModel):
     hooks_installed: int
     model_architecture: str | None
     context_loads: int = Field(description="context files read for generation since start (each version once)")
+    host: str = Field("a1111", description="the WebUI as detected at start-up: a1111, forge or reforge (the "
+                                           "ldm_patched forks: reForge, the 2024 Forge)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def add_routes(app: FastAPI) -> None:
         loaded = shared.sd_model is not None and store.current_unet() is not None
         return Status(version=__version__, hooks_installed=generation.hooks_installed(),
                       model_architecture=store.model_arch() if loaded else None,
-                      context_loads=store.library().load_count)
+                      context_loads=store.library().load_count, host=host.KIND)
 
     upload_body = {"requestBody": {"content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},

@@ -58,6 +58,7 @@ def _wait_for_host_scripts(page, js_errors: list[str]) -> None:
     page.wait_for_function(HOST_SCRIPTS_READY, timeout=30_000)
 
 
+@pytest.mark.forks
 def test_card_click_inserts_prompt(page, ctx, js_errors):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Anima").first.click()
     card = page.locator(f'#txt2img_anima_cards .card[data-name="{ctx["name"]}"]')
@@ -73,6 +74,7 @@ def test_card_click_inserts_prompt(page, ctx, js_errors):
     assert expected in prompt, f"prompt is {prompt!r}; {js_errors}"
 
 
+@pytest.mark.forks
 def test_panel_is_shown_in_txt2img(page):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Generation").first.click()
     accordion = page.locator("#anima_txt2img_enabled")
@@ -80,6 +82,7 @@ def test_panel_is_shown_in_txt2img(page):
     assert "Anima reference context" in accordion.inner_text()
 
 
+@pytest.mark.forks
 def test_paste_infotext_restores_panel(page, ctx):
     result = client.txt2img(anima_args=[True, ctx["name"], 0.65, "negative", 0.0, 1.0, ""])
     page.locator("#txt2img_prompt textarea").fill(result.infotext)
@@ -103,6 +106,7 @@ def _fill(page, selector: str, value: str) -> None:
     box.dispatch_event("input")
 
 
+@pytest.mark.forks
 def test_send_to_anima_then_train(page):
     # a txt2img result, made in the browser as a user would
     _fill(page, "#txt2img_prompt textarea", "a lighthouse at dusk")

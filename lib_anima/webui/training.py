@@ -543,6 +543,10 @@ class _PreviewScripts:
     """A training preview's stand-in for the host's script runner on the forks: the sampling-pass callback
     applies the context; every other callback does nothing (no other script takes part in a preview)."""
 
+    alwayson_scripts: list = []  # read directly by reForge's processing
+    selectable_scripts: list = []
+    scripts: list = []
+
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
         from lib_anima.webui import generation
 

@@ -41,6 +41,7 @@ run_fork() {  # $1 fork, $2 port; the fork's status is its return value
     local dir="$ROOT/$fork-host" venv_var="ANIMA_${fork^^}_VENV"
     local venv="${!venv_var:-$ROOT/.venv-$fork}"
     local ext="$dir/extensions/sd-webui-anima" fixture="$dir/extensions/anima-attn2-replace-test"
+    shift 2  # the rest goes to pytest
     if [ ! -d "$WEBUI_SOURCES/${SOURCE[$fork]}" ]; then
         loud "${fork^^} TESTS SKIPPED: no source at $WEBUI_SOURCES/${SOURCE[$fork]} (../shared/forge-host/README.md, 'The host source', says how to get it at the commit its tests use)."
         return 0

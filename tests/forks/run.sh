@@ -17,11 +17,13 @@ FORK_PORT="${ANIMA_FORK_PORT:-7911}"
 log() { echo "[anima fork tests] $*"; }
 loud() { printf '\n%s\n!!! %s\n%s\n\n' "$(printf '!%.0s' {1..100})" "$1" "$(printf '!%.0s' {1..100})"; }
 declare -A SOURCE=([forge]=stable-diffusion-webui-forge [reforge]=stable-diffusion-webui-reForge)
-# what each fork runs besides tests/forks (marked `forks` in tests/integration); the browser test needs Gradio 3
-# as on A1111 (reForge); Forge's Gradio 4 page is checked by tests/forks/test_fork_ui.py
+# what each fork runs: tests/forks, and the tests of tests/integration marked `forks`; in a browser, Forge's Gradio 4
+# page (tests/forks/test_fork_ui.py) and reForge's Gradio 3.41 page (the A1111 browser test)
+FORK_TESTS="tests/forks/test_fork_generation.py tests/forks/test_fork_training.py"
+MARKED="tests/integration/test_generation.py tests/integration/test_api_contexts.py tests/integration/test_training.py"
 declare -A SUITE=(
-    [forge]="tests/forks tests/integration/test_generation.py tests/integration/test_api_contexts.py tests/integration/test_training.py"
-    [reforge]="tests/forks tests/integration/test_generation.py tests/integration/test_api_contexts.py tests/integration/test_training.py tests/integration/test_browser.py"
+    [forge]="$FORK_TESTS tests/forks/test_fork_ui.py $MARKED"
+    [reforge]="$FORK_TESTS $MARKED tests/integration/test_browser.py"
 )
 STARTED=()
 start_fork() {  # $1 port, $2 dir; retried: a warm-up request can race the fork's own start-up

@@ -116,8 +116,8 @@ def find_sites(unet: torch.nn.Module) -> list[Site]:
     return sites
 
 
-_PATCH_SITE = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
-_PATCH_BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+_PATCH_SITE = re.compile(
+    r"^(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.\d+\.transformer_blocks\.(\d+)\.attn2$")
 
 
 def patch_key(name: str) -> tuple[str, int, int] | None:
@@ -127,8 +127,10 @@ def patch_key(name: str) -> tuple[str, int, int] | None:
     match = _PATCH_SITE.match(name)
     if match is None:
         return None
-    section, block, index = match.groups()
-    return _PATCH_BLOCK[section], 0 if section == "middle_block" else int(block), int(index)
+    section, block, middle, index = match.groups()
+    if middle:
+        return "middle", 0, int(index)
+    return ("input" if section == "input_blocks" else "output"), int(block), int(index)
 
 
 def preset_weights(sites: list[Site], preset: str) -> list[float]:

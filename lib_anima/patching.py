@@ -54,9 +54,14 @@ class PatchSession:
         self.reader = reader
         self._entries = site_entries(self.sites, activations)
         self._by_key: dict[PatchKey, Site] = {}
+        self.unreachable: list[str] = []  # sites with a term but no place in the fork's block layout
         for site in self.sites:
             key = patch_key(site.name)
-            if key is not None and self._entries[site.index]:
+            if not self._entries[site.index]:
+                continue
+            if key is None:
+                self.unreachable.append(site.name)
+            else:
                 self._by_key[key] = site
         self.live = False
         self.attached = 0  # patcher clones made by this session

@@ -124,6 +124,9 @@ class RunState:
         if not activations:
             return
         session = _session(unet, activations, self.tracker)
+        if getattr(session, "unreachable", None):
+            self.warn(p, f"{len(session.unreachable)} site(s) are not in the fork's block layout and get no "
+                         f"context: {', '.join(session.unreachable[:3])}")
         session.install()
         self.session = session
         # written now (hires and other passes read it before sampling ends); report() keeps only what reached a call

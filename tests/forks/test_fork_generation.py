@@ -106,9 +106,9 @@ def test_window_presets_and_several_contexts(ctx, plain):
     never = txt2img(anima_args=panel(name, start=0.99))  # 4 steps: progress 0, .25, .5, .75 never reaches .99
     assert (never.pixels() == plain).all()
     assert "Anima 1" not in never.infotext and "reached no UNet call" in never.infotext
-    fine = txt2img(anima_args=panel(name, weights="fine")).pixels()
-    coarse = txt2img(anima_args=panel(name, weights="coarse")).pixels()
-    assert min(mean_diff(fine, plain), mean_diff(coarse, plain), mean_diff(fine, coarse)) > 0.5
+    parts = {part: txt2img(anima_args=panel(name, weights=part)).pixels() for part in ("in", "mid", "out")}
+    for part, image in parts.items():  # every block of the fork's UNet is reached (the middle one has 1 site)
+        assert mean_diff(image, plain) > 0.1 and mean_diff(image, full) > 0.1, part
     both = txt2img(f"a photo of a dog <anima:{name}:1> <anima:{other['name']}:1>")
     alone = txt2img(f"a photo of a dog <anima:{other['name']}:1>").pixels()
     assert "Anima 1" in both.infotext and "Anima 2" in both.infotext

@@ -209,3 +209,14 @@ def _body(prompt: str, scripts: dict, anima: list | None = None) -> dict:
     if anima is not None:
         body["alwayson_scripts"]["anima"] = {"args": anima}
     return body
+
+
+def test_settings_give_the_defaults(ctx):
+    """Settings → Anima on the fork: its options exist, and the default scale is that of ``<anima:name>``."""
+    options = client.get("/sdapi/v1/options").json()
+    assert options["anima_default_scale"] == 1.0 and options["anima_default_mode"] == "positive"
+    try:
+        assert client.post("/sdapi/v1/options", {"anima_default_scale": 0.5}).ok
+        assert "scale: 0.5, mode: positive" in txt2img(f"a photo of a dog <anima:{ctx['name']}>").infotext
+    finally:
+        client.post("/sdapi/v1/options", {"anima_default_scale": 1.0})

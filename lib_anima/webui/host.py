@@ -35,6 +35,8 @@ def _importable(name: str) -> bool:
 
 
 def _detect() -> str:
+    if not _importable("modules_forge"):  # both forks have it; A1111 does not (so nothing else is imported there)
+        return A1111
     if _importable("backend.patcher.unet") and _importable("backend.operations"):
         return FORGE
     if _importable("ldm_patched.modules.model_patcher"):

@@ -111,24 +111,53 @@ class FoldedSite:
     heads: int
 
 
+WeightReader = Callable[[torch.nn.Module], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""A host's accessor for a linear layer's effective weight and bias (fp8 scaling, online LoRA, offloading)."""
+
+
 def fold_site(
-    attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0, dtype: torch.dtype | None = None
+    attn: torch.nn.Module, tokens: torch.Tensor, strength: float = 1.0, read: WeightReader | None = None,
+    dtype: torch.dtype | None = None,
 ) -> FoldedSite:
     """Fold `tokens` (``[n, context_dim]``) and `strength` into the projections of site `attn`; autograd reaches
-    the tokens. `dtype` (default: the site's) is what the folding computes in (float32 to upcast a half model)."""
-    w_q = attn.to_q.weight  # [inner, C_in]
-    dtype = dtype or w_q.dtype
+    the tokens.
+
+    Without `read` the projections are the modules' own weights and ``to_k``/``to_v`` are called as modules (what
+    the host's Lora patches); with it every weight comes from the host's accessor (cast to where and how the host
+    computes). `dtype` (default: the weights') is what the folding computes in (float32 to upcast a half model)."""
+    if read is None:
+        w_q, b_q = attn.to_q.weight, attn.to_q.bias
+        dtype = dtype or w_q.dtype
+        t = tokens.to(w_q.device, dtype)
+        k, v = _project(attn.to_k, t), _project(attn.to_v, t)
+        w_out = attn.to_out[0].weight
+    else:
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = read(attn.to_q), read(attn.to_k), read(attn.to_v)
+        w_out = read(attn.to_out[0])[0]
+        dtype = dtype or w_q.dtype
+        t = tokens.to(w_q.device, dtype)
+        k, v = _linear(t, w_k, b_k), _linear(t, w_v, b_v)
+    b_q = None if b_q is None else b_q.to(dtype)
+    return fold_projections(w_q.to(dtype), b_q, k, v, w_out.to(dtype), int(attn.heads), getattr(attn, "scale", None),
+                            strength)
+
+
+def _linear(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(t, weight.to(t.dtype), None if bias is None else bias.to(t.dtype))
+
+
+def fold_projections(
+    w_q: torch.Tensor, b_q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, w_out: torch.Tensor,
+    heads: int, scale: float | None = None, strength: float = 1.0,
+) -> FoldedSite:
+    """The folded form from ``to_q``'s weight/bias, the tokens' keys/values ``[n, inner]`` and ``to_out``'s weight."""
     inner, c_in = w_q.shape
-    heads = int(attn.heads)
     d = inner // heads
-    t = tokens.to(w_q.device, dtype)
-    k = _project(attn.to_k, t).view(-1, heads, d)  # [n, heads, d]
-    v = _project(attn.to_v, t).view(-1, heads, d)
-    scale = float(getattr(attn, "scale", d**-0.5))
-    qk = torch.einsum("hdc,nhd->cnh", w_q.to(dtype).view(heads, d, c_in), k).reshape(c_in, -1) * scale
-    bias = attn.to_q.bias
-    qk_bias = None if bias is None else torch.einsum("hd,nhd->nh", bias.to(dtype).view(heads, d), k).reshape(-1) * scale
-    w_out = attn.to_out[0].weight.to(dtype)  # [C_out, inner]
+    k = k.view(-1, heads, d)  # [n, heads, d]
+    v = v.view(-1, heads, d)
+    scale = float(scale if scale is not None else d**-0.5)
+    qk = torch.einsum("hdc,nhd->cnh", w_q.view(heads, d, c_in), k).reshape(c_in, -1) * scale
+    qk_bias = None if b_q is None else torch.einsum("hd,nhd->nh", b_q.view(heads, d), k).reshape(-1) * scale
     vo = torch.einsum("nhd,ohd->nho", v, w_out.view(-1, heads, d)).reshape(-1, w_out.shape[0])
     if strength != 1.0:
         vo = vo * strength
@@ -143,8 +172,7 @@ def _project(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
     product in `t`'s dtype."""
     if linear.weight.dtype == t.dtype:
         return linear(t)
-    bias = None if linear.bias is None else linear.bias.to(t.dtype)
-    return F.linear(t, linear.weight.to(t.dtype), bias)
+    return _linear(t, linear.weight, linear.bias)
 
 
 def folded_attention(
@@ -381,6 +409,67 @@ def _rows_of_kinds(kinds: list[int], device: torch.device) -> Rows:
     )
 
 
+class ChunkRows:
+    """Rows of the UNet calls of a ComfyUI-style sampler (Forge, reForge): each call's batch is
+    ``len(cond_or_uncond)`` equal chunks, chunk i conditional when ``cond_or_uncond[i] == 0`` and unconditional when
+    it is 1 (the samplers' own ``transformer_options["cond_or_uncond"]``, which every cross-attention call of the
+    UNet call sees). Sampling progress comes from the host's CFG denoiser callback (:meth:`begin_step`), as on
+    A1111. A call without that list, or whose batch does not split into it, is left alone and counted.
+    """
+
+    def __init__(self, record: bool = False) -> None:
+        self.step = 0
+        self.progress = 0.0
+        self.unknown_calls = 0
+        self.unplaced_rows = 0
+        self.record = record
+        self.records: list[CallRecord] = []
+        self._layouts: dict[tuple, Rows | None] = {}
+        self._call: object = None  # the cond_or_uncond list of the UNet call seen last (one per UNet call)
+
+    def begin_step(self, n_cond: int, n_total: int, step: int, total_steps: int, text: object = None) -> None:
+        self.step = step
+        self.progress = step / total_steps if total_steps > 0 else 0.0
+
+    def rows(self, cond_or_uncond: list | None, batch: int, device: torch.device) -> Rows | None:
+        """Rows of one cross-attention call of a UNet call whose chunks are `cond_or_uncond`."""
+        new_call = cond_or_uncond is None or cond_or_uncond is not self._call
+        self._call = cond_or_uncond
+        kinds = chunk_kinds(cond_or_uncond, batch)
+        if new_call:
+            self._count(kinds, batch)
+        if kinds is None:
+            return None
+        key = (tuple(kinds), str(device))
+        if key not in self._layouts:
+            rows = _rows_of_kinds(kinds, device)
+            self._layouts[key] = rows if rows.cond is not None or rows.uncond is not None else None
+        return self._layouts[key]
+
+    def _count(self, kinds: list[int] | None, batch: int) -> None:
+        """Once per UNet call: rows left alone, and the call's record (``--anima-debug-rows``)."""
+        unplaced = list(range(batch)) if kinds is None else [i for i, k in enumerate(kinds) if k == NEITHER]
+        if unplaced:
+            self.unknown_calls += 1
+            self.unplaced_rows += len(unplaced)
+        if self.record:
+            found = kinds or []
+            self.records.append(CallRecord(
+                self.step, batch, [i for i, k in enumerate(found) if k == COND],
+                [i for i, k in enumerate(found) if k == UNCOND], unplaced,
+            ))
+
+
+def chunk_kinds(cond_or_uncond: list | None, batch: int) -> list[int] | None:
+    """Each row's kind from the chunk list (0: conditional, 1: unconditional, other values: left alone), or None
+    when there is no list or the batch does not split into equal chunks."""
+    if not cond_or_uncond or batch % len(cond_or_uncond):
+        return None
+    size = batch // len(cond_or_uncond)
+    kind = {0: COND, 1: UNCOND}
+    return [kind.get(int(c), NEITHER) for c in cond_or_uncond for _ in range(size)]
+
+
 class AllConditional:
     """Every row is conditional and sampling is at its start (training, or a plain UNet call)."""
 
@@ -451,14 +540,7 @@ class InjectionSession:
     def __post_init__(self) -> None:
         if self.sites is None:
             self.sites = find_sites(self.unet)
-        names = [s.name for s in self.sites]
-        self._entries = [[] for _ in self.sites]
-        for act in self.activations:
-            act.context.check_fits(names, self.sites[0].context_dim)
-            for site, weight in zip(self.sites, act.site_weights(self.sites), strict=False):
-                strength = act.scale * weight
-                if strength != 0.0:
-                    self._entries[site.index].append(_SiteEntry(act, strength, site.index))
+        self._entries = site_entries(self.sites, self.activations)
 
     @property
     def installed(self) -> bool:
@@ -503,28 +585,8 @@ class InjectionSession:
             rows = self.tracker.rows(_site_text(args, kwargs), int(x.shape[0]), x.device)
             if rows is None:
                 return None
-            progress = self.tracker.progress
-            in_place = not torch.is_grad_enabled()  # generation: the output is ours until returned
-            for entry in entries:
-                index = rows.for_mode(entry.activation.mode)
-                if index is None or not entry.activation.active_at(progress):
-                    continue
-                entry.activation.reached = True
-                folded = self._folded(module, entry)
-                span = rows.span_for_mode(entry.activation.mode)
-                upcast = self.upcast
-                if len(index) == rows.batch:
-                    output = folded_attention(x, folded, add_to=output, in_place=in_place, upcast=upcast)
-                elif span is not None:  # views and one product-and-sum: the other rows stay bit-exact
-                    target = output[span]
-                    part = folded_attention(x[span], folded, add_to=target, in_place=in_place, upcast=upcast)
-                    if part is not target:  # not added in place
-                        output = torch.cat([output[: span.start], part, output[span.stop :]])
-                else:  # the same arithmetic on gathered rows (the sum comes back in the output's dtype)
-                    part = folded_attention(x.index_select(0, index), folded, add_to=output.index_select(0, index),
-                                            upcast=upcast)
-                    output = output.index_copy_(0, index, part) if in_place else output.index_copy(0, index, part)
-            return output
+            return add_site_terms(x, output, entries, rows, self.tracker.progress, lambda e: self._folded(module, e),
+                                  upcast=self.upcast)
 
         return hook
 
@@ -532,13 +594,58 @@ class InjectionSession:
         tokens = entry.activation.context.tokens
         dtype = torch.float32 if self.upcast and module.to_q.weight.dtype in HALF else None
         if tokens.requires_grad:  # training: the tokens change every step
-            return fold_site(module, tokens[entry.index], entry.strength, dtype)
+            return fold_site(module, tokens[entry.index], entry.strength, dtype=dtype)
         key = _weights_key(module)
         if entry.folded is None or entry.folded_for != key:
             with torch.no_grad():
-                entry.folded = fold_site(module, tokens[entry.index], entry.strength, dtype)
+                entry.folded = fold_site(module, tokens[entry.index], entry.strength, dtype=dtype)
             entry.folded_for = key
         return entry.folded
+
+
+def site_entries(sites: list[Site], activations: list[Activation]) -> list[list[_SiteEntry]]:
+    """Per site, the activations that add to it (strength = scale · site weight, never 0); checks each context
+    fits the sites."""
+    names = [s.name for s in sites]
+    entries: list[list[_SiteEntry]] = [[] for _ in sites]
+    for act in activations:
+        act.context.check_fits(names, sites[0].context_dim)
+        for site, weight in zip(sites, act.site_weights(sites), strict=False):
+            strength = act.scale * weight
+            if strength != 0.0:
+                entries[site.index].append(_SiteEntry(act, strength, site.index))
+    return entries
+
+
+def add_site_terms(
+    x: torch.Tensor, output: torch.Tensor, entries: list[_SiteEntry], rows: Rows, progress: float,
+    folded: Callable[[_SiteEntry], FoldedSite], upcast: bool = False,
+) -> torch.Tensor:
+    """One site's output with every active entry's term added on its mode's rows (the other rows stay bit-exact).
+
+    `x` is the site's query input, `output` its output (``to_out`` applied); every host adapter ends here.
+    `upcast`: the host's "upcast cross attention layer to float32" (see :func:`folded_attention`).
+    """
+    in_place = not torch.is_grad_enabled()  # generation: the output is ours until returned
+    for entry in entries:
+        index = rows.for_mode(entry.activation.mode)
+        if index is None or not entry.activation.active_at(progress):
+            continue
+        entry.activation.reached = True
+        site = folded(entry)
+        span = rows.span_for_mode(entry.activation.mode)
+        if len(index) == rows.batch:
+            output = folded_attention(x, site, add_to=output, in_place=in_place, upcast=upcast)
+        elif span is not None:  # views and one product-and-sum: the other rows stay bit-exact
+            target = output[span]
+            part = folded_attention(x[span], site, add_to=target, in_place=in_place, upcast=upcast)
+            if part is not target:  # not added in place
+                output = torch.cat([output[: span.start], part, output[span.stop :]])
+        else:  # the same arithmetic on gathered rows (the sum comes back in the output's dtype)
+            part = folded_attention(x.index_select(0, index), site, add_to=output.index_select(0, index),
+                                    upcast=upcast)
+            output = output.index_copy_(0, index, part) if in_place else output.index_copy(0, index, part)
+    return output
 
 
 def _site_text(args: tuple, kwargs: dict) -> torch.Tensor | None:

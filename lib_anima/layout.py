@@ -116,6 +116,23 @@ def find_sites(unet: torch.nn.Module) -> list[Site]:
     return sites
 
 
+_PATCH_SITE = re.compile(
+    r"^(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.\d+\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def patch_key(name: str) -> tuple[str, int, int] | None:
+    """The key a ComfyUI-style UNet (Forge, reForge) gives site `name` in its patches' ``extra_options``:
+    ``(block[0], block[1], block_index)``, e.g. ``input_blocks.4.1.transformer_blocks.1.attn2`` → ``("input", 4, 1)``
+    (the middle block is ``("middle", 0, i)``); None for a name outside that layout."""
+    match = _PATCH_SITE.match(name)
+    if match is None:
+        return None
+    section, block, middle, index = match.groups()
+    if middle:
+        return "middle", 0, int(index)
+    return ("input" if section == "input_blocks" else "output"), int(block), int(index)
+
+
 def preset_weights(sites: list[Site], preset: str) -> list[float]:
     """Per-site weights (1 or 0) of a named preset."""
     if preset not in PRESETS:

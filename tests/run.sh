@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of sd-webui-anima on a fresh machine: lint, core tests (real torch modules: diffusers' UNet, and the
 # host's own ldm/sgm modules) and integration tests against a real A1111 v1.10.1 (CPU, tiny random-weight
-# checkpoints), HTTP and browser. Installs what it needs: a venv (.venv), the offline host (../shared/host → webui-host/;
+# checkpoints), HTTP and browser; then the same against real Forge and reForge (tests/forks/run.sh), each fork whose
+# source is under $WEBUI_SOURCES (one loud line per fork that is not). Installs what it needs: a venv (.venv), the offline host (../shared/host → webui-host/;
 # not a dot folder: the host's Gradio refuses /file= paths under one, and the page would load none of its scripts),
 # test tools, Debian's chromium. Extra arguments go to pytest, e.g. `bash tests/run.sh -k infotext`.
 # After the main run the host is started twice more: without --api (tests/host_without_api.sh) and with --api-auth,
@@ -12,7 +13,8 @@
 # it). When it is missing, the core tests still run, every host test is skipped and a loud line says so at the
 # start and at the end; the exit status is that of the tests that ran.
 #
-# Env: WEBUI_SOURCES, ANIMA_VENV (venv dir), WEBUI_HOST_DIR (host dir), ANIMA_PORT (default 7871), ANIMA_SHARED_HOST.
+# Env: WEBUI_SOURCES, ANIMA_VENV (venv dir), WEBUI_HOST_DIR (host dir), ANIMA_PORT (default 7871), ANIMA_SHARED_HOST;
+# the fork phases: ANIMA_FORKS, ANIMA_FORK_PORT (default ANIMA_PORT + 10), ANIMA_FORGE_VENV, ANIMA_REFORGE_VENV.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
@@ -47,13 +49,23 @@ python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 log "lint"
 ruff check .
 
+run_forks() {  # the Forge / reForge phases (tests/forks/run.sh: own venvs and hosts, a loud line per missing source)
+    log "Forge and reForge (tests/forks/run.sh)"
+    set +e
+    ANIMA_FORK_PORT="${ANIMA_FORK_PORT:-$((PORT + 10))}" bash tests/forks/run.sh "$@"
+    forks_rc=$?
+    set -e
+}
+
 if [ "$HOST" = 0 ]; then
     set +e
     python -m pytest tests/core -q -rs --durations=15 "$@"
     rc=$?
     set -e
+    run_forks "$@"
     loud "$SKIP_LINE"
-    exit "$rc"
+    [ "$rc" = 0 ] || exit "$rc"
+    exit "$forks_rc"
 fi
 
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -162,6 +174,8 @@ set -e
 [ "$tp_tests_rc" = 5 ] && [ $# -gt 0 ] && tp_tests_rc=0  # a -k for the main suite may select none here
 stop_host
 remove_thirdparty
+run_forks "$@"
 [ "$tp_rc" = 0 ] || loud "$TP_SKIP_LINE"
 [ "$rc" = 0 ] || exit "$rc"
-exit "$tp_tests_rc"
+[ "$tp_tests_rc" = 0 ] || exit "$tp_tests_rc"
+exit "$forks_rc"

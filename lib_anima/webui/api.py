@@ -34,7 +34,7 @@ from lib_anima.errors import AnimaError
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.images import decode_base64, open_image
 from lib_anima.names import check_name, sidecar_path
-from lib_anima.webui import api_guard, generation, store
+from lib_anima.webui import api_guard, generation, host, store
 from lib_anima.webui.http_errors import http_error
 
 PREFIX = "/anima/v1"
@@ -93,6 +93,8 @@ class Status(BaseModel):
     context_loads: int = Field(description="context files read for generation since start (each version once)")
     checked_requests: int = Field(description="txt2img/img2img bodies the anima check parsed since start "
                                               "(bodies without \"anima\" in them are passed on unparsed)")
+    host: str = Field("a1111", description="the WebUI as detected at start-up: a1111, forge or reforge (the "
+                                           "ldm_patched forks: reForge, the 2024 Forge)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -413,7 +415,8 @@ class _Endpoints:
         loaded = shared.sd_model is not None and store.current_unet() is not None
         return Status(version=__version__, hooks_installed=generation.hooks_installed(),
                       model_architecture=store.model_arch() if loaded else None,
-                      context_loads=store.library().load_count, checked_requests=api_guard.parsed_bodies)
+                      context_loads=store.library().load_count, checked_requests=api_guard.parsed_bodies,
+                      host=host.KIND)
 
 
 UPLOAD_BODY = {"requestBody": {"content": {

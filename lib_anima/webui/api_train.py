@@ -124,9 +124,7 @@ def interrupt_job(job_id: str) -> JobSummary:
 
 
 def templates() -> list[str]:
-    from modules.textual_inversion import textual_inversion
-
-    return sorted(textual_inversion.list_textual_inversion_templates())
+    return sorted(training.templates())
 
 
 def add_routes(add_route: Callable[..., Any]) -> None:

@@ -16,9 +16,11 @@ import logging
 
 from lib_anima import infotext
 from lib_anima.errors import AnimaError
-from lib_anima.inject import Activation, CallRecord, InjectionSession, RowTracker
+from lib_anima.inject import Activation, CallRecord, ChunkRows, InjectionSession, RowTracker
+from lib_anima.layout import find_sites
+from lib_anima.patching import PatchSession
 from lib_anima.units import ContextUnit
-from lib_anima.webui import store
+from lib_anima.webui import host, store
 
 log = logging.getLogger("anima")
 
@@ -35,8 +37,9 @@ class RunState:
         self.panel: list[ContextUnit] = []
         self.prompt: list[ContextUnit] = []
         self.in_memory: list[Activation] = []  # contexts not in the library (training previews)
-        self.session: InjectionSession | None = None
-        self.tracker = RowTracker(record=record_rows)
+        self.session: InjectionSession | PatchSession | None = None
+        # A1111 tells rows apart by their text; the forks say which chunk of a call is which
+        self.tracker = ChunkRows(record=record_rows) if host.is_fork() else RowTracker(record=record_rows)
         self.applied: list[tuple[ContextUnit, str, Activation]] = []
         self.sampling = False
         self.p = None  # the processing object while it samples
@@ -104,6 +107,11 @@ class RunState:
         units = self.units()
         if unet is None or not (units or self.in_memory):
             return
+        if not _has_sites(unet):
+            self.applied = []
+            self.warn(p, f"the loaded model ({type(unet).__name__}) is not a UNet with text cross-attention "
+                         "(attn2); contexts work on SD1.x, SD2.x and SDXL models only and were not applied")
+            return
         activations = list(self.in_memory)
         reached = {unit.name: act.reached for unit, _, act in self.applied}  # a reinstall (hires, refiner) keeps it
         self.applied = []
@@ -115,7 +123,10 @@ class RunState:
                 self.applied.append((unit, activation.context.shorthash, activation))
         if not activations:
             return
-        session = InjectionSession(unet, activations, self.tracker, upcast=_upcast_attention())
+        session = _session(unet, activations, self.tracker)
+        if getattr(session, "unreachable", None):
+            self.warn(p, f"{len(session.unreachable)} site(s) are not in the fork's block layout and get no "
+                         f"context: {', '.join(session.unreachable[:3])}")
         session.install()
         self.session = session
         # written now (hires and other passes read it before sampling ends); report() keeps only what reached a call
@@ -150,6 +161,31 @@ def _upcast_attention() -> bool:
     from modules import shared
 
     return bool(getattr(shared.opts, "upcast_attn", False))
+
+
+def _session(unet, activations: list[Activation], tracker) -> InjectionSession | PatchSession:
+    if host.is_fork():  # attached to the fork's UNet patcher in before_sampling()
+        return PatchSession(unet, activations, tracker, reader=host.weight_reader)
+    return InjectionSession(unet, activations, tracker, upcast=_upcast_attention())
+
+
+def _has_sites(unet) -> bool:
+    try:
+        find_sites(unet)
+    except AnimaError:
+        return False
+    return True
+
+
+def before_sampling(p) -> None:
+    """Every sampling pass on a fork (the script's ``process_before_every_sampling``, after the fork reset its
+    ``forge_objects``): sample with a clone of the UNet patcher that carries the run's patches."""
+    run = getattr(p, "_anima_run", None)
+    if not isinstance(run, RunState) or not isinstance(run.session, PatchSession):
+        return
+    forge_objects = getattr(p.sd_model, "forge_objects", None)
+    if forge_objects is not None and forge_objects.unet is not None:
+        forge_objects.unet = run.session.attach(forge_objects.unet)
 
 
 def _crossattn(cond):
@@ -205,6 +241,8 @@ def on_cfg_denoiser(params) -> None:
 
 def hooks_installed() -> int:
     """Hook handles currently held by an active session (0 outside sampling): for tests and status."""
+    if _active_run is not None and isinstance(_active_run.session, PatchSession):
+        return 2 if _active_run.session.installed else 0  # its attn2 and attn2-output patches
     unet = store.current_unet()
     if unet is None:
         return 0

@@ -84,6 +84,9 @@ class AnimaScript(scripts.Script):
         for component, field in zip(unit_components, UNIT_FIELDS, strict=False):
             self.infotext_fields.append((component, getter(field)))
 
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        generation.before_sampling(p)  # the forks' patch point (a no-op on A1111, where hooks do the work)
+
     def process(self, p, *args):
         axes = xyz.axis_fields(p)  # set by the X/Y/Z plot's Anima axes for this cell
         try:

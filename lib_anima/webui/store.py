@@ -7,6 +7,7 @@ import os
 from modules import paths, shared
 
 from lib_anima.library import ContextLibrary
+from lib_anima.webui import host
 
 _library: ContextLibrary | None = None
 
@@ -26,9 +27,7 @@ def library() -> ContextLibrary:
 
 def current_unet():
     """The UNet (diffusion model) of the loaded checkpoint, or None when no model is loaded."""
-    model = shared.sd_model
-    inner = getattr(model, "model", None)
-    return getattr(inner, "diffusion_model", None)
+    return host.current_unet()
 
 
 def model_arch() -> str:

@@ -21,7 +21,7 @@ from lib_anima.errors import AnimaError
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.grid import font_size, labelled_row
 from lib_anima.inject import Activation, InjectionSession
-from lib_anima.webui import store
+from lib_anima.webui import host, store
 
 # (scale, mode) per cell: without, half, as trained, beyond, and pushed away from the reference
 CELLS: tuple[tuple[float, str], ...] = ((0.0, "positive"), (0.5, "positive"), (1.0, "positive"),
@@ -83,6 +83,8 @@ def render_image(context: ReferenceContext, scale: float, mode: str, settings: S
     )
     if scale != 0.0:  # scale 0 is "without": no hook at all, so the cell is exactly the plain image
         generation.add_in_memory(p, Activation(context, scale, mode))
+        if host.is_fork():  # the forks patch their UNet only in a script callback; this p has no scripts of its own
+            p.scripts = _PreviewScripts()
     saved = (shared.state.job_count, shared.state.job_no, shared.state.textinfo)  # the caller's progress display
     try:
         with contextlib.closing(p):
@@ -90,6 +92,23 @@ def render_image(context: ReferenceContext, scale: float, mode: str, settings: S
     finally:
         shared.state.job_count, shared.state.job_no, shared.state.textinfo = saved
     return processed.images[0] if processed.images else None
+
+
+class _PreviewScripts:
+    """A training preview's stand-in for the host's script runner on the forks: the sampling-pass callback
+    applies the context; every other callback does nothing (no other script takes part in a preview)."""
+
+    alwayson_scripts: list = []  # read directly by reForge's processing
+    selectable_scripts: list = []
+    scripts: list = []
+
+    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+        from lib_anima.webui import generation
+
+        generation.before_sampling(p)
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def render(context: ReferenceContext, settings: SweepSettings) -> Sweep | None:

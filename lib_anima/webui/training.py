@@ -6,7 +6,11 @@ the HTTP API and the synchronous route all end in; it assumes the lock is held. 
 
 Host machinery reused: the textual-inversion dataset loader (images, ``.txt`` captions or file names, alpha as
 loss weight, ``[name]``/``[filewords]`` templates from ``textual_inversion_templates``), the learn-rate schedule
-syntax, txt2img processing for previews, the textual-inversion log directory layout and settings file.
+syntax, txt2img processing for previews, the textual-inversion log directory layout and settings file. Where a host
+no longer ships the loader, the schedule parser or the templates (Forge), the extension's own equivalents
+(:mod:`lib_anima.dataset`, :mod:`lib_anima.schedule`, its ``textual_inversion_templates`` folder) give the same
+results. What differs in reaching the model (Forge has no ``apply_model``, loads inference tensors, ...) is in
+:mod:`lib_anima.webui.host`.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import torch
 from modules import call_queue, devices, paths, prompt_parser, shared
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lib_anima import dataset as ti_dataset
 from lib_anima.create import MAX_TOKENS
 from lib_anima.errors import AnimaError, ArgumentError, ContextExistsError, TooLargeError, TrainingBusy
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.images import decode_base64, image_size
 from lib_anima.names import check_directory, check_name
+from lib_anima.schedule import schedule_pairs
 from lib_anima.train import (
     DiffusionSchedule,
     TrainConfig,
@@ -48,7 +54,7 @@ from lib_anima.train import (
     TrainStateFileError,
     train_context,
 )
-from lib_anima.webui import manage, store, sweep
+from lib_anima.webui import host, manage, store, sweep
 
 log = logging.getLogger("anima")
 
@@ -62,6 +68,8 @@ ENCODE_CHUNK = 8
 STATE_FILE = "anima_state.safetensors"
 REQUEST_FILE = "anima_request.json"
 LOSS_FILE = "anima_loss.csv"
+OWN_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "textual_inversion_templates")
 
 
 # One training at a time across the tab, jobs and the synchronous route; taken before the queue lock so a
@@ -185,11 +193,9 @@ def prompt_from_infotext(image: Image.Image) -> str:
 
 def learn_rate(text: str | float, steps: int) -> tuple[Callable[[int], float], str]:
     """The host's learn-rate schedule syntax as ``step → rate`` (checked up front for every step)."""
-    from modules.textual_inversion.learn_schedule import LearnScheduleIterator
-
     text = str(text).strip()
     try:
-        pairs = list(LearnScheduleIterator(text, steps))
+        pairs = _schedule_pairs(text, steps)
     except Exception as e:  # the host raises a bare Exception with a good message
         raise ArgumentError(f"learning rate {text!r}: {e}") from None
     ends = [end for _, end in pairs]
@@ -202,6 +208,15 @@ def learn_rate(text: str | float, steps: int) -> tuple[Callable[[int], float], s
         return rates[-1]
 
     return rate_at, text
+
+
+def _schedule_pairs(text: str, steps: int) -> list[tuple[float, int]]:
+    """The host's own parser where it has one, else the same syntax read by :mod:`lib_anima.schedule`."""
+    try:
+        from modules.textual_inversion.learn_schedule import LearnScheduleIterator
+    except ImportError:
+        return schedule_pairs(text, steps)
+    return list(LearnScheduleIterator(text, steps))
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
@@ -227,15 +242,11 @@ def _alpha_mask(image: Image.Image, size: int, latent_hw: tuple[int, int]) -> to
 
 def _encode_images(pixels: list[torch.Tensor]) -> torch.Tensor:
     """VAE latents of ``[3, H, W]`` images in [0, 1], the distribution's mean (deterministic, so resume matches)."""
-    model = shared.sd_model
     out = []
     with torch.no_grad(), devices.autocast():
         for px in pixels:
             x = (px.unsqueeze(0) * 2 - 1).to(devices.device, devices.dtype_vae)
-            dist = model.encode_first_stage(x)
-            if hasattr(dist, "std"):  # ldm's DiagonalGaussianDistribution: sample() = mean + std·ε
-                dist.std = 0
-            out.append(model.get_first_stage_encoding(dist)[0].detach().float().cpu())
+            out.append(host.encode_latents(x)[0].detach().float().cpu())
     return torch.stack(out)
 
 
@@ -288,25 +299,62 @@ def check_dataset_dir(path: str) -> str:
     return real
 
 
-def template_path(name: str) -> str:
-    from modules.textual_inversion import textual_inversion
+def templates() -> dict[str, str]:
+    """Template files by name: the host's ``textual_inversion_templates`` folder over the extension's own (which
+    serve where the host has none, as on Forge)."""
+    found: dict[str, str] = {}
+    for folder in (OWN_TEMPLATES, getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)):
+        if folder and os.path.isdir(folder):
+            for root, _, files in os.walk(folder):  # as the host lists them
+                found.update({fn: os.path.join(root, fn) for fn in files})
+    return found
 
-    templates = textual_inversion.list_textual_inversion_templates()
-    chosen = name or ("subject_filewords.txt" if "subject_filewords.txt" in templates else next(iter(templates), ""))
-    if chosen not in templates:
-        raise ArgumentError(f"unknown template {name!r}; the host has: {', '.join(sorted(templates))}")
-    return templates[chosen].path
+
+def template_path(name: str) -> str:
+    found = templates()
+    chosen = name or ("subject_filewords.txt" if "subject_filewords.txt" in found else next(iter(found), ""))
+    if chosen not in found:
+        raise ArgumentError(f"unknown template {name!r}; the host has: {', '.join(sorted(found))}")
+    return found[chosen]
 
 
 def dataset_examples(req: TrainRequest, size: int, seed: int) -> tuple[list[TrainExample], list[str], int]:
-    """The host's textual-inversion dataset (captions, [name]/[filewords], alpha weights) → examples.
+    """The textual-inversion dataset (captions, [name]/[filewords], alpha weights) → examples.
 
     Each image gets up to CAPTIONS_PER_IMAGE template lines drawn with the run's seed, so every caption is
     encoded once before the loop and a resumed run sees the same texts. Flips are the flipped latents.
     """
-    from modules.textual_inversion.dataset import PersonalizedBase
-
     root = check_dataset_dir(req.dataset_dir)
+    entries, create_text = _read_dataset(req, root, size)
+    if not entries:
+        raise ArgumentError(f"dataset {req.dataset_dir!r} has no readable images")
+    if len(entries) > MAX_IMAGES * 16:
+        raise ArgumentError(f"dataset {req.dataset_dir!r} has {len(entries)} images; at most {MAX_IMAGES * 16}")
+    captions, owners = [], []
+    for index, (filename_text, _, _) in enumerate(entries):
+        for text in _captions(create_text, filename_text, seed, index):
+            captions.append(text)
+            owners.append(index)
+    conds = _encode_texts(captions, size)
+    examples = []
+    for index, cond in zip(owners, conds, strict=True):
+        _, latent, weight = entries[index]
+        examples.append(TrainExample(latent=latent, cond=cond, mask=weight))
+        if req.flip:
+            examples.append(TrainExample(latent=torch.flip(latent, dims=[2]), cond=cond,
+                                         mask=None if weight is None else torch.flip(weight, dims=[2])))
+    return examples, sorted(set(captions)), len(entries)
+
+
+DatasetEntries = list[tuple[str, torch.Tensor, "torch.Tensor | None"]]  # (filewords, latent [C,h,w], weight [1,h,w])
+
+
+def _read_dataset(req: TrainRequest, root: str, size: int) -> tuple[DatasetEntries, Callable[[str], str]]:
+    """The host's own textual-inversion loader where it has one, else :mod:`lib_anima.dataset` (the same)."""
+    try:
+        from modules.textual_inversion.dataset import PersonalizedBase
+    except ImportError:
+        return _own_dataset(req, root, size)
     try:
         dataset = PersonalizedBase(
             data_root=root, width=size, height=size, repeats=1, flip_p=0.0, placeholder_token=req.name_text,
@@ -315,34 +363,40 @@ def dataset_examples(req: TrainRequest, size: int, seed: int) -> tuple[list[Trai
         )
     except AssertionError as e:
         raise ArgumentError(f"dataset {req.dataset_dir!r}: {e}") from None
-    if not dataset.dataset:
-        raise ArgumentError(f"dataset {req.dataset_dir!r} has no readable images")
-    if len(dataset.dataset) > MAX_IMAGES * 16:
-        raise ArgumentError(f"dataset {req.dataset_dir!r} has {len(dataset.dataset)} images; at most {MAX_IMAGES * 16}")
-    captions, owners = [], []
-    for index, entry in enumerate(dataset.dataset):
-        for text in _captions(dataset, entry.filename_text, seed, index):
-            captions.append(text)
-            owners.append(index)
-    conds = _encode_texts(captions, size)
-    examples = []
-    for index, cond in zip(owners, conds, strict=True):
-        entry = dataset.dataset[index]
-        latent = entry.latent_sample.float()
-        weight = None if entry.weight is None else entry.weight[:1].float()
-        examples.append(TrainExample(latent=latent, cond=cond, mask=weight))
-        if req.flip:
-            examples.append(TrainExample(latent=torch.flip(latent, dims=[2]), cond=cond,
-                                         mask=None if weight is None else torch.flip(weight, dims=[2])))
-    return examples, sorted(set(captions)), len(dataset.dataset)
+    entries = [(e.filename_text, e.latent_sample.float(), None if e.weight is None else e.weight[:1].float())
+               for e in dataset.dataset]
+    return entries, dataset.create_text
 
 
-def _captions(dataset, filename_text: str, seed: int, index: int) -> list[str]:
+def _own_dataset(req: TrainRequest, root: str, size: int) -> tuple[DatasetEntries, Callable[[str], str]]:
+    from modules import images
+
+    if not os.listdir(root):
+        raise ArgumentError(f"dataset {req.dataset_dir!r}: Dataset directory is empty")
+    templates_ = ti_dataset.Templates(template_path(req.template), req.name_text)
+    found = ti_dataset.read_images(
+        root, size, req.use_alpha, opener=getattr(images, "read", Image.open),
+        word_regex=getattr(shared.opts, "dataset_filename_word_regex", ""),
+        join=getattr(shared.opts, "dataset_filename_join_string", " "),
+    )
+    entries: DatasetEntries = []
+    for item in found:
+        if shared.state.interrupted:
+            raise AnimaError("interrupted while reading the dataset")
+        pixels = ti_dataset.pixels(item.image).to(device=devices.device, dtype=torch.float32)
+        with torch.no_grad(), devices.autocast():
+            latent = host.encode_latents(pixels.unsqueeze(0)).squeeze().to(devices.cpu).float()
+        weight = ti_dataset.alpha_weight(item.alpha, tuple(latent.shape))[:1].float() if req.use_alpha else None
+        entries.append((item.caption, latent, weight))
+    return entries, templates_.create_text
+
+
+def _captions(create_text: Callable[[str], str], filename_text: str, seed: int, index: int) -> list[str]:
     """Distinct captions from the host's template expansion, drawn with a fixed seed (the host uses `random`)."""
     saved = random.getstate()
     try:
         random.seed(f"{seed}:{index}")
-        texts = [dataset.create_text(filename_text) for _ in range(CAPTIONS_PER_IMAGE * 4)]
+        texts = [create_text(filename_text) for _ in range(CAPTIONS_PER_IMAGE * 4)]
     finally:
         random.setstate(saved)
     distinct = list(dict.fromkeys(" ".join(t.split()) for t in texts))
@@ -521,20 +575,15 @@ def _check_model() -> None:
 
 
 def _unet_apply(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    model = shared.sd_model
-    dtype = devices.dtype_unet
-    if isinstance(cond, dict):
-        cond = {k: v.to(devices.device, dtype) for k, v in cond.items()}
-    else:
-        cond = cond.to(devices.device, dtype)
-    return model.apply_model(x.to(devices.device, dtype), t.to(devices.device), cond).float()
+    return host.unet_apply(x, t, cond, devices.device, host.unet_dtype())
 
 
 @contextlib.contextmanager
 def _text_and_vae_offloaded():
     """The host's "Move VAE and CLIP to RAM when training": only the UNet runs inside the loop."""
     model = shared.sd_model
-    if not getattr(shared.opts, "unload_models_when_training", False) or devices.device.type == "cpu":
+    if (not getattr(shared.opts, "unload_models_when_training", False) or devices.device.type == "cpu"
+            or getattr(model, "cond_stage_model", None) is None):  # Forge: its memory manager moves them
         yield
         return
     model.cond_stage_model.to(devices.cpu)
@@ -607,13 +656,13 @@ def run(req: TrainRequest, progress: Progress | None = None) -> dict:
     folder.save_settings({**request_record, "learn_rate": lr_text, **manage.model_record()})
     init = manage.text_embedding(req.init_text) if req.init_text.strip() and state is None else None
 
-    model = shared.sd_model
-    schedule = DiffusionSchedule(model.alphas_cumprod.detach().float().cpu(), model.parameterization)
+    alphas_cumprod, parameterization = host.schedule_source()
+    schedule = DiffusionSchedule(alphas_cumprod.detach().float().cpu(), parameterization)
     config = TrainConfig(
         steps=req.steps, lr=lr, lr_text=lr_text, n_tokens=req.n_tokens, seed=seed, weights=req.weights or None,
         batch_size=req.batch_size, grad_accumulation=req.grad_accumulation, save_every=req.save_every,
         init=None if init is None else init[torch.arange(req.n_tokens) % init.shape[0]],
-        precision="fp16" if devices.dtype_unet == torch.float16 and devices.device.type == "cuda" else "fp32",
+        precision="fp16" if host.unet_dtype() == torch.float16 and devices.device.type == "cuda" else "fp32",
         record={"prompt": captions[0] if len(captions) == 1 else f"{len(captions)} captions",
                 "references": len(req.images) or n_images, "resolution": size,
                 "init_text": req.init_text, "dataset": os.path.basename(req.dataset_dir.rstrip("/\\")),
@@ -668,7 +717,8 @@ def run(req: TrainRequest, progress: Progress | None = None) -> dict:
 
 @contextlib.contextmanager
 def _vae_on_device():
-    if getattr(shared.opts, "unload_models_when_training", False) and devices.device.type != "cpu":
+    if (getattr(shared.opts, "unload_models_when_training", False) and devices.device.type != "cpu"
+            and getattr(shared.sd_model, "cond_stage_model", None) is not None):
         shared.sd_model.first_stage_model.to(devices.device)
         shared.sd_model.cond_stage_model.to(devices.device)
         try:
@@ -684,7 +734,7 @@ def _train_loop(examples, config, schedule, arch, state, on_step, on_save, folde
                 should_stop) -> TrainResult:
     unet = store.current_unet()
     try:
-        with _text_and_vae_offloaded(), torch.enable_grad():
+        with host.trainable_unet(unet), _text_and_vae_offloaded(), torch.enable_grad():
             return train_context(_unet_apply, unet, examples, config, schedule, arch=arch, device=devices.device,
                                  state=state, on_step=on_step, on_save=on_save,
                                  should_stop=should_stop)

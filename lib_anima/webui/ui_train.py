@@ -71,9 +71,7 @@ class ReferenceImage(gr.Image):
 
 
 def _templates() -> list[str]:
-    from modules.textual_inversion import textual_inversion
-
-    return sorted(textual_inversion.list_textual_inversion_templates())
+    return sorted(training.templates())
 
 
 def _image_and_mask(value) -> tuple:
@@ -143,6 +141,25 @@ def _received(filedata):
     return image, training.prompt_from_infotext(image) or gr.update()
 
 
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
+
+
+def _reference_inputs(prefix: str) -> tuple:
+    """The reference image and the mask upload. Gradio 3 (A1111, reForge) lets one draw the mask on the reference
+    (its sketch tool); Gradio 4 (Forge) has no such tool on an image input, so there the mask is uploaded."""
+    if GRADIO_4:
+        image = gr.Image(label="Reference", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                         elem_id=f"{prefix}_image")
+        mask = gr.Image(label="Mask (optional; white = learn, black = ignore)", type="pil", image_mode="L",
+                        sources=["upload", "clipboard"], elem_id=f"{prefix}_mask")
+        return image, mask
+    image = ReferenceImage(label="Reference (draw on it to mark what to learn; optional)", type="pil",
+                           image_mode="RGBA", source="upload", tool="sketch", elem_id=f"{prefix}_image")
+    mask = gr.Image(label="Mask upload (optional; white = learn)", type="pil", image_mode="L",
+                    source="upload", elem_id=f"{prefix}_mask")
+    return image, mask
+
+
 def build_train(prefix: str) -> dict:
     """The training form; `prefix` keeps element ids unique between the two places it is shown."""
     c: dict = {}
@@ -154,11 +171,7 @@ def build_train(prefix: str) -> dict:
                 c["resume"] = gr.Checkbox(label="Resume the saved run of this name", value=False, elem_id=f"{prefix}_resume")
             with gr.Tabs():
                 with gr.Tab("Reference image"):
-                    c["image"] = ReferenceImage(label="Reference (draw on it to mark what to learn; optional)",
-                                                type="pil", image_mode="RGBA", source="upload", tool="sketch",
-                                                elem_id=f"{prefix}_image")
-                    c["mask"] = gr.Image(label="Mask upload (optional; white = learn)", type="pil", image_mode="L",
-                                         source="upload", elem_id=f"{prefix}_mask")
+                    c["image"], c["mask"] = _reference_inputs(prefix)
                     c["prompt"] = gr.Textbox(label="Training prompt (filled from the image's infotext)", lines=2,
                                              elem_id=f"{prefix}_prompt")
                 with gr.Tab("Dataset"):

@@ -61,6 +61,7 @@ def test_listing_has_the_metadata(ctx, folder):
     assert client.get(f"{A}/contexts/{ctx['name']}").json() == entry
 
 
+@pytest.mark.forks
 def test_download_upload_round_trip(ctx, cleanup):
     r = client.get(f"{A}/contexts/{ctx['name']}/file")
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
@@ -83,6 +84,7 @@ def test_download_upload_round_trip(ctx, cleanup):
     assert (a.pixels() == b.pixels()).all() and "Anima warnings" not in b.infotext
 
 
+@pytest.mark.forks
 def test_bad_upload_changes_nothing(ctx, folder):
     before = sorted(os.listdir(folder))
     data = client.get(f"{A}/contexts/{ctx['name']}/file").content
@@ -94,6 +96,7 @@ def test_bad_upload_changes_nothing(ctx, folder):
     assert client.get(f"{A}/contexts/{ctx['name']}").json()["hash"] == ctx["hash"]
 
 
+@pytest.mark.forks
 def test_preview_rename_delete(ctx, folder, cleanup):
     data = client.get(f"{A}/contexts/{ctx['name']}/file").content
     cleanup.extend(["itest_ren_a", "itest_ren_b"])
@@ -137,6 +140,7 @@ def test_preview_rename_delete(ctx, folder, cleanup):
     assert "Anima warnings" in deleted.infotext
 
 
+@pytest.mark.forks
 def test_refresh_reports_bad_files_dropped_into_the_folder(ctx, folder):
     good = client.get(f"{A}/contexts/{ctx['name']}/file").content
     (header_len,) = __import__("struct").unpack("<Q", good[:8])
@@ -176,6 +180,7 @@ def test_contexts_are_loaded_once(ctx, cleanup):
     assert client.status()["context_loads"] - before <= 2  # one per context (0 for one already loaded)
 
 
+@pytest.mark.forks
 def test_routes_are_documented(webui):
     spec = client.get("/openapi.json").json()
     for path, method in [("/anima/v1/contexts", "get"), ("/anima/v1/contexts", "post"), ("/anima/v1/refresh", "post"),
@@ -191,6 +196,7 @@ def test_routes_are_documented(webui):
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.forks
 def test_generation_args_are_checked_before_the_queue(ctx):
     """A bad alwayson_scripts.anima is a 422 naming the problem, in the host's error shape, before any work."""
     body = {"prompt": "a dog", "steps": 1, "width": 64, "height": 64,

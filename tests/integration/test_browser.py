@@ -52,6 +52,7 @@ def screenshot(locator, name: str) -> None:
         locator.screenshot(path=os.path.join(IMAGES, name))
 
 
+@pytest.mark.forks
 def test_card_click_inserts_prompt(page, ctx, js_errors):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Anima").first.click()
     card = page.locator(f'#txt2img_anima_cards .card[data-name="{ctx["name"]}"]')
@@ -68,6 +69,7 @@ def test_card_click_inserts_prompt(page, ctx, js_errors):
     assert expected in prompt, f"prompt is {prompt!r}; {js_errors}"
 
 
+@pytest.mark.forks
 def test_panel_is_shown_in_txt2img(page):
     page.locator("#txt2img_extra_tabs > div > button", has_text="Generation").first.click()
     accordion = page.locator("#anima_txt2img_enabled")
@@ -79,6 +81,7 @@ def test_panel_is_shown_in_txt2img(page):
         page.evaluate("inputAccordionChecked('anima_txt2img_enabled', false)")
 
 
+@pytest.mark.forks
 def test_paste_infotext_restores_panel(page, ctx):
     result = client.txt2img(anima_args=[True, ctx["name"], 0.65, "negative", 0.0, 1.0, ""])
     page.locator("#txt2img_prompt textarea").fill(result.infotext)
@@ -121,6 +124,7 @@ def ui_trained(page) -> int:
     return log_start
 
 
+@pytest.mark.forks
 def test_send_to_anima_then_train(page, ui_trained):
     log_start = ui_trained
     info = client.get(f"/anima/v1/contexts/{TRAINED}").json()

@@ -94,6 +94,7 @@ def test_positive_and_negative_modes_differ(ctx):
     assert mean_diff(positive, negative) > 1.0
 
 
+@pytest.mark.forks
 def test_panel_prompt_positional_and_dict_args_agree(ctx):
     name = ctx["name"]
     by_prompt = txt2img(f"a photo of a dog <anima:{name}:0.7:mode=negative>").pixels()
@@ -103,12 +104,14 @@ def test_panel_prompt_positional_and_dict_args_agree(ctx):
     assert (by_prompt == by_panel).all()
 
 
+@pytest.mark.forks
 def test_unknown_name_warns_and_generates(webui):
     result = txt2img("a photo of a dog <anima:no_such_context:1>")
     assert "Anima warnings" in result.infotext and "no_such_context" in result.infotext
     assert (result.pixels() == txt2img().pixels()).all()
 
 
+@pytest.mark.forks
 def test_corrupt_file_is_reported_and_server_keeps_serving(ctx):
     folder = client.get("/anima/v1/contexts").json()["directory"]
     bad_path = os.path.join(folder, "itest_corrupt.safetensors")

@@ -33,6 +33,7 @@ def test_train_from_one_image(webui):
     assert client.status()["hooks_installed"] == 0
 
 
+@pytest.mark.forks
 def test_train_refuses_overwrite_and_bad_input(webui):
     reference = txt2img("a red fox", seed=3).png_b64[0]
     body = {"name": "itest_trained_once", "images": [reference], "steps": 2, "resolution": 64, "overwrite": True,
@@ -71,6 +72,7 @@ def _wait(job_id: str, until, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} did not reach the expected state: {job}")
 
 
+@pytest.mark.forks
 def test_resume_equals_uninterrupted_run(webui):
     reference = _reference()
     body = {**BASE, "images": [reference], "learning_rate": "0.02:2, 0.01"}
@@ -92,6 +94,7 @@ def test_resume_equals_uninterrupted_run(webui):
     assert lrs[1] == 0.02 and lrs[3] == 0.01, "the host's schedule syntax: 0.02 until step 2, then 0.01"
 
 
+@pytest.mark.forks
 def test_resume_refuses_different_images(webui):
     body = {**BASE, "images": [_reference()], "name": "itest_resume_other", "steps": 1}
     assert client.post("/anima/v1/train", body).status_code == 200
@@ -100,6 +103,7 @@ def test_resume_refuses_different_images(webui):
     assert r.status_code == 400 and "differ" in r.json()["detail"]
 
 
+@pytest.mark.forks
 def test_job_poll_interrupt_409_and_queued_generation(webui):
     before = txt2img()
     reference = _reference()  # made before the job: a generation would wait for the job's queue lock
@@ -133,6 +137,7 @@ def test_job_poll_interrupt_409_and_queued_generation(webui):
     assert client.get("/anima/v1/train/jobs/nope").status_code == 404
 
 
+@pytest.mark.forks
 def test_interrupt_button_path_for_the_sync_route(webui):
     """The host's own Interrupt (POST /sdapi/v1/interrupt) stops a training started over the sync route."""
     result = {}
@@ -151,6 +156,7 @@ def test_interrupt_button_path_for_the_sync_route(webui):
     assert result["r"].status_code == 200 and summary["interrupted"] and summary["steps"] < 400
 
 
+@pytest.mark.forks
 def test_mask_and_preview_and_bad_schedule(webui):
     reference = _reference()
     import base64
@@ -178,6 +184,7 @@ def test_mask_and_preview_and_bad_schedule(webui):
     assert client.post("/anima/v1/train", {**body, "masks": [black, black]}).status_code == 400
 
 
+@pytest.mark.forks
 def test_dataset_directory_with_templates(webui):
     from PIL import Image
 

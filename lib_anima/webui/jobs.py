@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from lib_anima.errors import AnimaError, NotFoundError, TrainingBusy
+from lib_anima.errors import AnimaError, NotFoundError
 from lib_anima.webui import training
 
 MAX_KEPT = 20
@@ -64,8 +64,7 @@ def start(req: training.TrainRequest) -> Job:
     """Check everything the synchronous route checks (so a bad request is refused before a job exists), claim
     the one training slot and run in a background thread; returns at once."""
     training.preflight(req)
-    if not training._busy.acquire(blocking=False):
-        raise TrainingBusy("a training is already running; wait for it to finish or interrupt it")
+    training.claim_slot()
     try:
         job = Job(id=uuid.uuid4().hex, name=req.name)
         with _guard:
@@ -75,7 +74,7 @@ def start(req: training.TrainRequest) -> Job:
         thread = threading.Thread(target=_run, args=(job, req), name=f"anima-train-{job.id[:8]}", daemon=True)
         thread.start()
     except BaseException:
-        training._busy.release()
+        training.release_slot()
         raise
     return job
 
@@ -90,7 +89,7 @@ def _run(job: Job, req: training.TrainRequest) -> None:
         job.state, job.error = "failed", f"{type(e).__name__}: {e}"
     finally:
         job.finished = time.time()
-        training._busy.release()
+        training.release_slot()
 
 
 def get(job_id: str) -> Job:

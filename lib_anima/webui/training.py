@@ -79,16 +79,25 @@ _busy = threading.Lock()
 
 @contextlib.contextmanager
 def exclusive() -> Iterator[None]:
-    if not _busy.acquire(blocking=False):
-        raise TrainingBusy("a training is already running; wait for it to finish or interrupt it")
+    claim_slot()
     try:
         yield
     finally:
-        _busy.release()
+        release_slot()
 
 
 def is_busy() -> bool:
     return _busy.locked()
+
+
+def claim_slot() -> None:
+    """Take the one training slot for a run that releases it itself (a background job); TrainingBusy if taken."""
+    if not _busy.acquire(blocking=False):
+        raise TrainingBusy("a training is already running; wait for it to finish or interrupt it")
+
+
+def release_slot() -> None:
+    _busy.release()
 
 
 @dataclass
@@ -504,12 +513,18 @@ class Progress:
     started: bool = False  # the queue lock is held and the run began
     interrupt_requested: bool = False
     _started: float = field(default_factory=time.perf_counter)
-    _first_step: int = 0
+    first_step: int = 0  # where a resumed run starts (it/s counts only this run's steps)
+
+    def begin(self, steps: int, first_step: int) -> None:
+        """The loop starts: `steps` in all, from `first_step`; the host's progress bar follows."""
+        self.steps, self.first_step, self.message = steps, first_step, "training"
+        shared.state.job_count = steps
+        shared.state.job_no = first_step
 
     def update(self, step: int, loss: float, lr: float) -> None:
         self.step, self.loss, self.learn_rate = step, loss, lr
         elapsed = time.perf_counter() - self._started
-        done = step - self._first_step
+        done = step - self.first_step
         if done > 0 and elapsed > 0:
             self.it_per_s = done / elapsed
             self.eta_s = (self.steps - step) / self.it_per_s
@@ -634,85 +649,111 @@ def run(req: TrainRequest, progress: Progress | None = None) -> dict:
     if progress.interrupt_requested:  # interrupted while waiting for the queue
         return {"name": req.name, "hash": None, "steps": 0, "interrupted": True, "final_loss": None,
                 "log_directory": "", "seed": req.seed, "sweep": None}
-    path = store.library().path(req.name)
-    arch = store.model_arch()
-    size = req.resolution or (1024 if arch == "sdxl" else 512)
-    state, record = None, {}
-    if req.resume:
-        state, record, _ = find_resume_state(req)
-    seed = state.seed if state is not None else (req.seed if req.seed >= 0 else random.SystemRandom().randrange(2**31))
+    job = _Run.prepare(req, progress, lr_text)
+    config, schedule = job.config(lr, lr_text)
+    progress.begin(req.steps, job.state.step if job.state is not None else 0)
+    result = _train_loop(job.examples, config, schedule, job.arch, job.state, job.on_step, job.on_save, job.folder,
+                         job.request_record, job.should_stop)
+    return job.finish(result)
 
-    progress.message = "encoding the references"
-    shared.state.textinfo = "Anima: encoding the references"
-    if req.images:
-        examples, captions, n_images = image_examples(req, size), [req.prompt], len(req.images)
-    else:
-        examples, captions, n_images = dataset_examples(req, size, seed)
-    fingerprint = data_fingerprint(examples)
-    if state is not None:
-        _check_resume(req, record, fingerprint)
-    folder = RunFolder(req)
-    request_record = _request_record(req, size, fingerprint, seed)
-    folder.save_settings({**request_record, "learn_rate": lr_text, **manage.model_record()})
-    init = manage.text_embedding(req.init_text) if req.init_text.strip() and state is None else None
 
-    alphas_cumprod, parameterization = host.schedule_source()
-    schedule = DiffusionSchedule(alphas_cumprod.detach().float().cpu(), parameterization)
-    config = TrainConfig(
-        steps=req.steps, lr=lr, lr_text=lr_text, n_tokens=req.n_tokens, seed=seed, weights=req.weights or None,
-        batch_size=req.batch_size, grad_accumulation=req.grad_accumulation, save_every=req.save_every,
-        init=None if init is None else init[torch.arange(req.n_tokens) % init.shape[0]],
-        precision="fp16" if host.unet_dtype() == torch.float16 and devices.device.type == "cuda" else "fp32",
-        record={"prompt": captions[0] if len(captions) == 1 else f"{len(captions)} captions",
-                "references": len(req.images) or n_images, "resolution": size,
-                "init_text": req.init_text, "dataset": os.path.basename(req.dataset_dir.rstrip("/\\")),
-                "data": fingerprint, **manage.model_record()},
-    )
-    progress.steps = req.steps
-    progress._first_step = state.step if state is not None else 0
-    progress.message = "training"
-    shared.state.job_count = req.steps
-    shared.state.job_no = progress._first_step
+@dataclass
+class _Run:
+    """One training run in the WebUI: its inputs made into examples, its log folder, and what it does per step."""
 
-    def on_step(done: int, loss: float, rate: float) -> None:
-        progress.update(done, loss, rate)
-        folder.log_loss(done, loss, rate)
+    req: TrainRequest
+    progress: Progress
+    arch: str
+    size: int
+    seed: int
+    state: TrainState | None
+    examples: list
+    captions: list[str]
+    n_images: int
+    fingerprint: str
+    folder: RunFolder
+    request_record: dict
 
-    def on_save(saved: TrainState, context) -> None:
-        # called every gcd(save_every, preview_every) steps; each does what falls on this step
-        context.name = req.name
-        if req.save_every and saved.step % req.save_every == 0:
-            context.save(folder.checkpoint_path(saved.step))
-            folder.save_state(saved, request_record)
-        if req.preview_every and saved.step % req.preview_every == 0:
-            preview(context, saved.step)
+    @classmethod
+    def prepare(cls, req: TrainRequest, progress: Progress, lr_text: str) -> _Run:
+        arch = store.model_arch()
+        size = req.resolution or (1024 if arch == "sdxl" else 512)
+        state, record = None, {}
+        if req.resume:
+            state, record, _ = find_resume_state(req)
+        seed = state.seed if state is not None else (req.seed if req.seed >= 0 else random.SystemRandom().randrange(2**31))
+        progress.message = "encoding the references"
+        shared.state.textinfo = "Anima: encoding the references"
+        if req.images:
+            examples, captions, n_images = image_examples(req, size), [req.prompt], len(req.images)
+        else:
+            examples, captions, n_images = dataset_examples(req, size, seed)
+        fingerprint = data_fingerprint(examples)
+        if state is not None:
+            _check_resume(req, record, fingerprint)
+        folder = RunFolder(req)
+        request_record = _request_record(req, size, fingerprint, seed)
+        folder.save_settings({**request_record, "learn_rate": lr_text, **manage.model_record()})
+        return cls(req, progress, arch, size, seed, state, examples, captions, n_images, fingerprint, folder,
+                   request_record)
 
-    def preview(context, step: int) -> None:
+    def config(self, lr, lr_text: str) -> tuple[TrainConfig, DiffusionSchedule]:
+        req = self.req
+        init = manage.text_embedding(req.init_text) if req.init_text.strip() and self.state is None else None
+        alphas_cumprod, parameterization = host.schedule_source()
+        schedule = DiffusionSchedule(alphas_cumprod.detach().float().cpu(), parameterization)
+        config = TrainConfig(
+            steps=req.steps, lr=lr, lr_text=lr_text, n_tokens=req.n_tokens, seed=self.seed,
+            weights=req.weights or None, batch_size=req.batch_size, grad_accumulation=req.grad_accumulation,
+            # on_save is called every gcd(save_every, preview_every) steps; it does what falls on each
+            save_every=math.gcd(req.save_every, req.preview_every),
+            init=None if init is None else init[torch.arange(req.n_tokens) % init.shape[0]],
+            precision="fp16" if host.unet_dtype() == torch.float16 and devices.device.type == "cuda" else "fp32",
+            record={"prompt": self.captions[0] if len(self.captions) == 1 else f"{len(self.captions)} captions",
+                    "references": len(req.images) or self.n_images, "resolution": self.size,
+                    "init_text": req.init_text, "dataset": os.path.basename(req.dataset_dir.rstrip("/\\")),
+                    "data": self.fingerprint, **manage.model_record()},
+        )
+        return config, schedule
+
+    def on_step(self, done: int, loss: float, rate: float) -> None:
+        self.progress.update(done, loss, rate)
+        self.folder.log_loss(done, loss, rate)
+
+    def on_save(self, saved: TrainState, context) -> None:
+        context.name = self.req.name
+        if self.req.save_every and saved.step % self.req.save_every == 0:
+            context.save(self.folder.checkpoint_path(saved.step))
+            self.folder.save_state(saved, self.request_record)
+        if self.req.preview_every and saved.step % self.req.preview_every == 0:
+            self.preview(context, saved.step)
+
+    def preview(self, context, step: int) -> None:
         with _vae_on_device():
-            image = render_preview(context, req, size, captions[0])
+            image = render_preview(context, self.req, self.size, self.captions[0])
         if image is not None:
-            image.save(folder.image_path(step))
-            progress.preview, progress.preview_path = image, folder.image_path(step)
+            image.save(self.folder.image_path(step))
+            self.progress.preview, self.progress.preview_path = image, self.folder.image_path(step)
             shared.state.assign_current_image(image)
 
-    config.save_every = math.gcd(req.save_every, req.preview_every)
-    def should_stop() -> bool:
-        return bool(shared.state.interrupted) or progress.interrupt_requested
+    def should_stop(self) -> bool:
+        return bool(shared.state.interrupted) or self.progress.interrupt_requested
 
-    result = _train_loop(examples, config, schedule, arch, state, on_step, on_save, folder, request_record,
-                         should_stop)
-    context = result.context
-    manage.save_new(context, req.name, overwrite=True)
-    _save_preview_image(req, path, progress)
-    folder.save_state(result.state, request_record)
-    if req.preview_every:
-        preview(context, result.state.step)
-    swept = None
-    if req.sweep and not result.interrupted and not should_stop():  # a stop request also skips the sweep
-        swept = render_sweep(context, req, size, captions[0], seed, folder, result.state.step, progress)
-    return {"name": req.name, "hash": context.shorthash, "steps": result.state.step,
-            "interrupted": result.interrupted, "final_loss": result.losses[-1] if result.losses else None,
-            "log_directory": folder.path, "seed": seed, "sweep": swept}
+    def finish(self, result) -> dict:
+        """Save the context, its card image and the state; the last preview and the sweep; the run's summary."""
+        req, context = self.req, result.context
+        manage.save_new(context, req.name, overwrite=True)
+        _save_preview_image(req, store.library().path(req.name), self.progress)
+        self.folder.save_state(result.state, self.request_record)
+        if req.preview_every:
+            self.preview(context, result.state.step)
+        swept = None
+        if req.sweep and not result.interrupted and not self.should_stop():  # a stop request also skips the sweep
+            swept = render_sweep(context, req, self.size, self.captions[0], self.seed, self.folder,
+                                 result.state.step, self.progress)
+        return {"name": req.name, "hash": context.shorthash, "steps": result.state.step,
+                "interrupted": result.interrupted, "final_loss": result.losses[-1] if result.losses else None,
+                "log_directory": self.folder.path, "seed": self.seed, "sweep": swept}
 
 
 @contextlib.contextmanager

@@ -160,6 +160,37 @@ def _reference_inputs(prefix: str) -> tuple:
     return image, mask
 
 
+def _build_options(c: dict, prefix: str) -> None:
+    """The training options under the inputs (tokens, sites, steps, rate, batch, saving, previews, sweep)."""
+    with FormRow():
+        c["use_alpha"] = gr.Checkbox(label="Use PNG alpha channel as loss weight", value=False, elem_id=f"{prefix}_use_alpha")
+        c["flip"] = gr.Checkbox(label="Train on horizontal flips too", value=True, elem_id=f"{prefix}_flip")
+    with FormRow():
+        c["init_text"] = gr.Textbox(label="Initialization text (empty: small random)", elem_id=f"{prefix}_init_text")
+        c["n_tokens"] = gr.Number(label="Tokens per site", value=4, precision=0, elem_id=f"{prefix}_n_tokens")
+        c["weights"] = gr.Dropdown(label="Sites", choices=["all", *[p for p in PRESETS if p != "all"]],
+                                   value="all", elem_id=f"{prefix}_weights")
+    with FormRow():
+        c["steps"] = gr.Number(label="Steps", value=300, precision=0, elem_id=f"{prefix}_steps")
+        c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value="5e-3",
+                                        elem_id=f"{prefix}_learning_rate")
+        c["seed"] = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id=f"{prefix}_seed")
+    with FormRow():
+        c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=f"{prefix}_batch_size")
+        c["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
+                                           elem_id=f"{prefix}_grad_accumulation")
+        c["resolution"] = gr.Number(label="Resolution (0: model's native)", value=0, precision=0,
+                                    elem_id=f"{prefix}_resolution")
+    with FormRow():
+        c["save_every"] = gr.Number(label="Save state every N steps (0: end only)", value=0, precision=0,
+                                    elem_id=f"{prefix}_save_every")
+        c["preview_every"] = gr.Number(label="Preview every N steps (0: none)", value=0, precision=0,
+                                       elem_id=f"{prefix}_preview_every")
+    c["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: the training prompt)", elem_id=f"{prefix}_preview_prompt")
+    c["sweep"] = gr.Checkbox(label="Scale sweep after training (scales 0, 0.5, 1, 1.5 and 1 negative, one seed)",
+                             value=True, elem_id=f"{prefix}_sweep")
+
+
 def build_train(prefix: str) -> dict:
     """The training form; `prefix` keeps element ids unique between the two places it is shown."""
     c: dict = {}
@@ -181,33 +212,7 @@ def build_train(prefix: str) -> dict:
                         c["template"] = gr.Dropdown(label="Prompt template", choices=_templates(),
                                                     value="subject_filewords.txt", elem_id=f"{prefix}_template")
                         c["name_text"] = gr.Textbox(label="[name] becomes", elem_id=f"{prefix}_name_text")
-            with FormRow():
-                c["use_alpha"] = gr.Checkbox(label="Use PNG alpha channel as loss weight", value=False, elem_id=f"{prefix}_use_alpha")
-                c["flip"] = gr.Checkbox(label="Train on horizontal flips too", value=True, elem_id=f"{prefix}_flip")
-            with FormRow():
-                c["init_text"] = gr.Textbox(label="Initialization text (empty: small random)", elem_id=f"{prefix}_init_text")
-                c["n_tokens"] = gr.Number(label="Tokens per site", value=4, precision=0, elem_id=f"{prefix}_n_tokens")
-                c["weights"] = gr.Dropdown(label="Sites", choices=["all", *[p for p in PRESETS if p != "all"]],
-                                           value="all", elem_id=f"{prefix}_weights")
-            with FormRow():
-                c["steps"] = gr.Number(label="Steps", value=300, precision=0, elem_id=f"{prefix}_steps")
-                c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value="5e-3",
-                                                elem_id=f"{prefix}_learning_rate")
-                c["seed"] = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id=f"{prefix}_seed")
-            with FormRow():
-                c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=f"{prefix}_batch_size")
-                c["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
-                                                   elem_id=f"{prefix}_grad_accumulation")
-                c["resolution"] = gr.Number(label="Resolution (0: model's native)", value=0, precision=0,
-                                            elem_id=f"{prefix}_resolution")
-            with FormRow():
-                c["save_every"] = gr.Number(label="Save state every N steps (0: end only)", value=0, precision=0,
-                                            elem_id=f"{prefix}_save_every")
-                c["preview_every"] = gr.Number(label="Preview every N steps (0: none)", value=0, precision=0,
-                                               elem_id=f"{prefix}_preview_every")
-            c["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: the training prompt)", elem_id=f"{prefix}_preview_prompt")
-            c["sweep"] = gr.Checkbox(label="Scale sweep after training (scales 0, 0.5, 1, 1.5 and 1 negative, one seed)",
-                                     value=True, elem_id=f"{prefix}_sweep")
+            _build_options(c, prefix)
             with gr.Row():
                 c["train"] = gr.Button("Train context", variant="primary", elem_id=f"{prefix}_train")
                 c["interrupt"] = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt")

@@ -22,6 +22,7 @@ from typing import Any
 from lib_anima.errors import AnimaError
 from lib_anima.images import decode_base64, open_image
 from lib_anima.units import PANEL_ARGS, units_from_script_args
+from lib_anima.webui.http_errors import replaying
 
 log = logging.getLogger("anima")
 
@@ -151,16 +152,7 @@ def guard(inner: ASGIApp, authorized: Callable[[dict], bool]) -> ASGIApp:
             content = {"error": "HTTPException", "detail": problem, "body": "", "errors": ""}  # the host's shape
             await JSONResponse(status_code=422, content=content)(scope, receive, send)
             return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await inner(scope, replay, send)
+        await inner(scope, replaying(body, receive), send)
 
     return app
 

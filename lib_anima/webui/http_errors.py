@@ -23,6 +23,20 @@ def error_body(detail: str) -> dict[str, str]:
     return {"error": "HTTPException", "detail": detail, "body": "", "errors": ""}
 
 
+def replaying(body: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that first gives the whole `body` (already read by a check) and then the client's own."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def limit_body(route: Any, limit: int) -> None:
     """Refuse a body over `limit` bytes with 413 before the route reads and parses it.
 
@@ -62,15 +76,6 @@ def limit_body(route: Any, limit: int) -> None:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await inner(scope, replay, send)
+        await inner(scope, replaying(b"".join(chunks), receive), send)
 
     route.app = app

@@ -114,7 +114,7 @@ ln -sfn "$ROOT/tests/fixtures/anima_fault_ext" "$FAULT_LINK"
 WEBUI_ARGS="--anima-debug-rows" start_host "$PORT"
 export ANIMA_WEBUI_URL="http://127.0.0.1:$PORT" ANIMA_BASELINE_DIR="$BASELINE"
 set +e
-python -m pytest tests -q -rs --durations=15 --ignore=tests/thirdparty "$@"
+python -m pytest tests -q -rs --durations=15 --ignore=tests/thirdparty --ignore=tests/forks "$@"
 rc=$?
 set -e
 

@@ -47,27 +47,31 @@ def on_after_component(component, **kwargs) -> None:
                                                tooltip="Send this image to the Anima tab to train a context from it.")
 
 
-class ReferenceImage(gr.Image):
-    """The reference image with the sketch tool (draw on it to mark what to learn), taking an image with no mask.
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
-    Gradio's sketch preprocessing decodes the mask unconditionally, but the browser sends none until something
-    is drawn, so an upload (file chooser, drag and drop, paste) failed with ``'NoneType' object has no attribute
-    'rsplit'``. Here "nothing drawn" is simply no mask.
-    """
+if not GRADIO_4:  # Gradio 4 has no sketch tool (and writes a .pyi stub next to any subclass of its components)
 
-    def get_block_name(self) -> str:  # the browser renders it as Gradio's own image component
-        return "image"
+    class ReferenceImage(gr.Image):
+        """The reference image with the sketch tool (draw on it to mark what to learn), taking an image with no mask.
 
-    def preprocess(self, x):
-        if isinstance(x, dict) and not x.get("mask"):
-            return None if not x.get("image") else {"image": self._image(x["image"]), "mask": None}
-        return super().preprocess(x)
+        Gradio's sketch preprocessing decodes the mask unconditionally, but the browser sends none until something
+        is drawn, so an upload (file chooser, drag and drop, paste) failed with ``'NoneType' object has no attribute
+        'rsplit'``. Here "nothing drawn" is simply no mask.
+        """
 
-    def _image(self, data: str):
-        from gradio import processing_utils
+        def get_block_name(self) -> str:  # the browser renders it as Gradio's own image component
+            return "image"
 
-        image = processing_utils.decode_base64_to_image(data)  # PNG text (the infotext) is kept in .info
-        return self._format_image(image.convert(self.image_mode))
+        def preprocess(self, x):
+            if isinstance(x, dict) and not x.get("mask"):
+                return None if not x.get("image") else {"image": self._image(x["image"]), "mask": None}
+            return super().preprocess(x)
+
+        def _image(self, data: str):
+            from gradio import processing_utils
+
+            image = processing_utils.decode_base64_to_image(data)  # PNG text (the infotext) is kept in .info
+            return self._format_image(image.convert(self.image_mode))
 
 
 def _templates() -> list[str]:
@@ -141,7 +145,6 @@ def _received(filedata):
     return image, training.prompt_from_infotext(image) or gr.update()
 
 
-GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
 
 def _reference_inputs(prefix: str) -> tuple:

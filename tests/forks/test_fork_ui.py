@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.integration import webui_client as client
-from tests.integration.test_browser import CHROMIUM, _fill
+from tests.integration.browser import CHROMIUM
+from tests.integration.browser import fill as _fill
 
 TRAINED = "itest_forge_ui_trained"
 

@@ -111,7 +111,6 @@ def test_unknown_name_warns_and_generates(webui):
     assert (result.pixels() == txt2img().pixels()).all()
 
 
-@pytest.mark.forks
 def test_corrupt_file_is_reported_and_server_keeps_serving(ctx):
     folder = client.get("/anima/v1/contexts").json()["directory"]
     bad_path = os.path.join(folder, "itest_corrupt.safetensors")

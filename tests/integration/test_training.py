@@ -94,7 +94,6 @@ def test_resume_equals_uninterrupted_run(webui):
     assert lrs[1] == 0.02 and lrs[3] == 0.01, "the host's schedule syntax: 0.02 until step 2, then 0.01"
 
 
-@pytest.mark.forks
 def test_resume_refuses_different_images(webui):
     body = {**BASE, "images": [_reference()], "name": "itest_resume_other", "steps": 1}
     assert client.post("/anima/v1/train", body).status_code == 200
@@ -137,7 +136,6 @@ def test_job_poll_interrupt_409_and_queued_generation(webui):
     assert client.get("/anima/v1/train/jobs/nope").status_code == 404
 
 
-@pytest.mark.forks
 def test_interrupt_button_path_for_the_sync_route(webui):
     """The host's own Interrupt (POST /sdapi/v1/interrupt) stops a training started over the sync route."""
     result = {}

@@ -212,12 +212,11 @@ def _body(prompt: str, scripts: dict, anima: list | None = None) -> dict:
 
 
 def test_settings_give_the_defaults(ctx):
-    """Settings → Anima on the fork: its options are registered (the host stores only known keys), and the default
-    scale is that of ``<anima:name>``."""
+    """Settings → Anima on the fork: the default scale set over the API is that of ``<anima:name>``. (The host's
+    GET /sdapi/v1/options lists only the options known when its API module loaded, not extensions' ones.)"""
     try:
-        assert client.post("/sdapi/v1/options", {"anima_default_scale": 0.5, "anima_default_mode": "negative"}).ok
-        options = client.get("/sdapi/v1/options").json()
-        assert (options.get("anima_default_scale"), options.get("anima_default_mode")) == (0.5, "negative")
+        assert client.post("/sdapi/v1/options", {"anima_default_scale": 0.5}).ok
         assert "scale: 0.5, mode: positive" in txt2img(f"a photo of a dog <anima:{ctx['name']}>").infotext
     finally:
-        client.post("/sdapi/v1/options", {"anima_default_scale": 1.0, "anima_default_mode": "positive"})
+        client.post("/sdapi/v1/options", {"anima_default_scale": 1.0})
+    assert "scale: 1, mode: positive" in txt2img(f"a photo of a dog <anima:{ctx['name']}>").infotext

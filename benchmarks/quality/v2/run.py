@@ -188,6 +188,20 @@ def run_character(character: data.Character) -> dict:
     }
 
 
+def _trials(method: str) -> tuple[float, list[dict]]:
+    w = _WORKER
+    torch.set_num_threads(w["threads"])
+    return select_lr(method, w["drawer"], w["base"], w["one"], w["trial_budget"], _log(w["start"], f"{method} trials: "))
+
+
+def _map(fn, items, jobs: int) -> list:
+    """`fn` over `items`, in `jobs` forked processes (each on its own CPU clock) or in this one."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
 def words_baseline(drawer: Drawer, characters, seeds: int) -> dict:
     """The best words can do for each held-out character: its named neighbours (two of three attributes shared),
     each drawn from its name in the new settings; the highest similarity among them."""
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trials", action="store_true", help="use the configured learning rates")
     parser.add_argument("--characters", type=int, default=len(data.TEST_CHARACTERS), help="first N test characters")
     parser.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (see sweep.py)")
+    parser.add_argument("--sweep-characters", type=int, default=1, help="sweep: the dev character + the first N test ones")
     parser.add_argument("--quick", action="store_true", help="smoke run (meaningless numbers); writes quick.*")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -289,24 +304,21 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # import torch._dynamo before any clock runs
     trials: dict = {}
+    _WORKER.update(drawer=drawer, one=one, evaluation=evaluation, base=base, threads=args.threads, start=start,
+                   trial_budget=trial_budget)
     if not args.no_trials:
-        for name in ("ours", "ti", "finetune"):
-            log(f"learning rate for {name}: {trial_budget:g} s trials on the dev character {data.slug(data.DEV_CHARACTER)}")
-            lr, trials[name] = select_lr(name, drawer, base, one, trial_budget, log)
+        names = ("ours", "ti", "finetune")
+        log(f"learning rates: {trial_budget:g} s trials on the dev character {data.slug(data.DEV_CHARACTER)}")
+        chosen = _map(_trials, names, args.jobs)
+        for name, (lr, trials[name]) in zip(names, chosen, strict=True):
             one = replace(one, **{f"lr_{name}": lr})
             log(f"  {name}: lr {lr:g}")
-
-    _WORKER.update(drawer=drawer, one=one, evaluation=evaluation, base=base, threads=args.threads, start=start)
-    if args.jobs > 1:
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            results = pool.map(run_character, characters, chunksize=1)
-    else:
-        results = [run_character(c) for c in characters]
-    grid_rows = [("reference", None)]
+    _WORKER.update(one=one)
+    results = _map(run_character, characters, args.jobs)
     grid_rows = [("base: setting words", v1.to_uint8(base_images[:9]))]
     for r in results:
         ref = v1.to_uint8(v1.to_tensor(data.reference(tuple(r["character"][k] for k in v1.CHARACTER_KEYS))[1]))
-        grid_rows.append((f"{r['slug']}: reference", ref))
+        grid_rows.append((r["slug"], ref))
         grid_rows += [(f"  {label}", pics) for label, pics in r.pop("_grid")]
 
     record = {

@@ -80,7 +80,7 @@ def reference_setting() -> list[str]:
     return setting_words(REFERENCE_BACKGROUND, "nothing")
 
 
-def character_mask(character: Character, factor: int = 4) -> torch.Tensor:
+def character_mask(character: Character, factor: int = 2) -> torch.Tensor:
     """Where the reference picture shows the character, as a ``[1, 32/factor, 32/factor]`` 0/1 loss mask.
 
     Found without knowing the drawing code: the reference rendered on two other backgrounds (same seed, same

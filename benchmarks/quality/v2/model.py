@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,11 @@ class PretrainConfig:
     ema: float = 0.995
     bank: int = 12000
     seed: int = 0
+    # A second stage from the first stage's EMA weights (fresh optimizer, its own warm-up and cosine decay, new
+    # picture bank): after 1500 steps the model drew backgrounds and rough colours but not yet the named shapes
+    # and textures. The first stage is cached on its own, so this is exactly "1500 steps, then 1500 more".
+    stage2_steps: int = 1500
+    stage2_lr: float = 1e-3
 
 
 class TextEncoder(torch.nn.Module):
@@ -172,10 +177,14 @@ def data_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def pretrain(config: ModelConfig, train: PretrainConfig, log: Callable[[str], None] = print) -> tuple[ToyModel, dict]:
+def pretrain(config: ModelConfig, train: PretrainConfig, log: Callable[[str], None] = print,
+             init: ToyModel | None = None) -> tuple[ToyModel, dict]:
     """Text encoder and UNet trained together on the named characters; returns the EMA model and a record."""
     torch.manual_seed(train.seed)
     model = ToyModel(config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        model.requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
     sched = schedule(config)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.0)
@@ -215,7 +224,10 @@ def pretrain(config: ModelConfig, train: PretrainConfig, log: Callable[[str], No
 
 
 def cache_path(config: ModelConfig, train: PretrainConfig) -> str:
-    return os.path.join(CACHE, f"base-{cache_key(config, train, data_fingerprint())}.pt")
+    fields = asdict(train)
+    if not train.stage2_steps:  # a single stage is keyed as before there were stages
+        fields = {k: v for k, v in fields.items() if not k.startswith("stage2_")}
+    return os.path.join(CACHE, f"base-{cache_key(config, fields, data_fingerprint())}.pt")
 
 
 def load_or_pretrain(config: ModelConfig, train: PretrainConfig, log: Callable[[str], None] = print) -> tuple[ToyModel, dict]:
@@ -226,8 +238,17 @@ def load_or_pretrain(config: ModelConfig, train: PretrainConfig, log: Callable[[
         model.load_state_dict(saved["state"])
         log(f"base model from cache {os.path.relpath(path, REPO)}")
         return model.eval().requires_grad_(False), dict(json.loads(saved["record"]), cached=True)
-    log(f"pre-training the base model ({train.steps} steps of {train.batch_size}); cached afterwards")
-    model, record = pretrain(config, train, log)
+    if train.stage2_steps:
+        first, first_record = load_or_pretrain(config, replace(train, stage2_steps=0), log)
+        log(f"pre-training stage 2 ({train.stage2_steps} steps of {train.batch_size}); cached afterwards")
+        stage = replace(train, steps=train.stage2_steps, lr=train.stage2_lr, warmup=50, seed=train.seed + 1,
+                        stage2_steps=0)
+        model, record = pretrain(config, stage, log, init=first)
+        record = {"stage1": first_record, "stage2": record,
+                  "cpu_seconds": round(first_record.get("cpu_seconds", 0) + record["cpu_seconds"], 1)}
+    else:
+        log(f"pre-training the base model ({train.steps} steps of {train.batch_size}); cached afterwards")
+        model, record = pretrain(config, train, log)
     os.makedirs(CACHE, exist_ok=True)
     tmp = path + ".tmp"
     torch.save({"state": model.state_dict(), "record": json.dumps(record)}, tmp)

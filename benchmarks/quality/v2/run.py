@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = EvalConfig()
     trial_budget = args.trial_budget
     if args.quick:
-        pre, cls = PretrainConfig(steps=20, bank=256), ClassifierConfig(steps=20, bank=256)
+        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10), ClassifierConfig(steps=20, bank=256)
         one, evaluation = replace(one, budget_s=1.5), EvalConfig(seeds=1, curve_seeds=1, sampler_steps=3)
         trial_budget = 0.5
     model, pre_record = load_or_pretrain(model_config, pre, log)

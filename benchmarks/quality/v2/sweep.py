@@ -1,5 +1,5 @@
 """The defaults sweep (ours only): the extension's UI defaults (batch 1, lr 5e-3, 4 tokens per site, all sites)
-and one change at a time — learning rate, tokens per site, sites preset — each trained up to 600
+and one change at a time — learning rate, tokens per site, sites preset — each trained up to 400
 steps (batch 1) with checkpoints, drawn at scales 0.5 and 1 along the way, on the dev character and the first test
 characters (``--sweep-characters``, default 1). Reports, per configuration, the step and CPU time at which the similarity within
 the adherence floor first reaches base + 50 % of the way to 1.0 (a fixed target: no fine-tune is run here) and
@@ -63,9 +63,9 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     log = _log(start, "sweep: ")
-    pre, cls, evaluation, steps = PretrainConfig(), ClassifierConfig(), EvalConfig(curve_seeds=1), 600
+    pre, cls, evaluation, steps = PretrainConfig(), ClassifierConfig(), EvalConfig(curve_seeds=1), 400
     if args.quick:
-        pre, cls = PretrainConfig(steps=20, bank=256), ClassifierConfig(steps=20, bank=256)
+        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10), ClassifierConfig(steps=20, bank=256)
         evaluation, steps = EvalConfig(curve_seeds=1, sampler_steps=3), 10
     model, _ = load_or_pretrain(ModelConfig(), pre, log)
     classifier, _ = load_or_train_classifier(cls, log)

@@ -126,9 +126,13 @@ def curve(drawer: Drawer, character, run: methods.Run, seeds: int, scales=CURVE_
 
 def select_lr(method: str, drawer: Drawer, base: dict, one: methods.OneShotConfig, budget: float,
               log: Callable[[str], None]) -> tuple[float, list[dict]]:
-    """Short trials on the dev character. Ours / TI: mean over checkpoints (geometric in steps, so sooner counts
-    more) of the similarity at scale 1, counted as the base's where adherence falls below the floor. Fine-tune
-    (the upper bound): highest similarity at scale 1."""
+    """Short trials on the dev character, each checkpoint drawn as along training (ours / TI at scales 0.5 and 1,
+    the fine-tune at 1). Ours / TI: the mean over checkpoints (geometric in steps, so sooner counts more) of the
+    best similarity within the adherence floor, a checkpoint with none counted as the base's similarity. Fine-tune
+    (the upper bound, judged without the floor like its gain): the highest similarity.
+
+    (Until commit 'quality v2: trials judge ...' the trials drew scale 1 only and applied the floor to the fine-tune
+    too; the committed results/quality_v2/latest.json was made that way: see benchmarks/README.md.)"""
     character = data.DEV_CHARACTER
     base_sim = drawer.score(base["images"], base["pairs"], character)["similarity"]
     floor = goals.floor_of(base["score"])
@@ -136,9 +140,12 @@ def select_lr(method: str, drawer: Drawer, base: dict, one: methods.OneShotConfi
     for lr in LR_GRIDS[method]:
         run = methods.TRAINERS[method](drawer.model, character, replace(one, budget_s=budget, **{f"lr_{method}": lr}),
                                        log=log)
-        c = curve(drawer, character, run, drawer.evaluation.trial_seeds, scales=(1.0,))
-        sims = [cp["scales"][0]["similarity"] if cp["scales"][0]["adherence"] >= floor else base_sim for cp in c]
-        value = max(sims) if method == "finetune" else sum(sims) / len(sims)
+        c = curve(drawer, character, run, drawer.evaluation.trial_seeds)
+        if method == "finetune":
+            value = max(p["similarity"] for cp in c for p in cp["scales"])
+        else:
+            vals = [v["value"] if v["value"] is not None else base_sim for v in goals.checkpoint_values(c, floor)]
+            value = sum(vals) / len(vals)
         trials.append({"lr": lr, "value": round(value, 4), "steps": run.final.step, "curve": c})
         log(f"  {method} lr {lr:g}: {value:.3f}")
     return max(trials, key=lambda t: t["value"])["lr"], trials

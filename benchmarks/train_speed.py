@@ -4,8 +4,8 @@ hypernetwork (HN) training, on the same reference image, resolution, batch (1) a
     python -m benchmarks.train_speed                       # starts its own host (benchmarks/.hosts/train)
     python -m benchmarks.train_speed --url http://127.0.0.1:7860 --steps 100 --resolution 512
 
-The three run interleaved, in a rotating order, for ``--rounds`` rounds after a short untimed warm-up round, so
-drift of a shared machine falls on all three alike. Per run:
+The three run interleaved, in a rotating order, for ``--rounds`` rounds (at least 5) after a short untimed warm-up
+round, so drift of a shared machine falls on all three alike. Per run:
 
 * total seconds: the wall time of the HTTP call (set-up, encoding, the steps, saving);
 * seconds per step: the steady rate between the first and the last step seen by polling ``/sdapi/v1/progress``
@@ -15,7 +15,9 @@ drift of a shared machine falls on all three alike. Per run:
 * peak memory: the server process's peak resident memory during the call minus its level just before (see
   :class:`benchmarks.common.PeakRSS`); on a CUDA host also the GPU's, from the host's ``/sdapi/v1/memory``.
 
-Prints the medians and ``ours/TI``, ``ours/HN`` ratios (< 1: ours is faster) and writes
+Prints, per method and for the ``ours/TI``, ``ours/HN`` ratios (< 1: ours is faster), the median and the range
+(lowest–highest) over the rounds — not the best round; the ratios are taken round by round (the runs of a round
+are neighbours in time), and writes
 ``benchmarks/results/train_speed/latest.{json,png}``.
 """
 
@@ -33,6 +35,8 @@ from typing import Any
 from benchmarks import common
 
 METHODS = ("ti", "hn", "ours")
+MIN_ROUNDS = 5
+KEYS = ("s_per_step", "total_s", "cpu_s_per_step", "peak_rss_delta_mib", "gpu_peak_mib")
 LABELS = {"ti": "host textual inversion", "hn": "host hypernetwork", "ours": "anima context (ours)"}
 
 
@@ -46,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--n-tokens", type=int, default=4, help="our tokens per site = TI vectors per token")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds, at least %(default)s")
     ap.add_argument("--only", default=",".join(METHODS), help="comma separated subset of ti,hn,ours")
     return ap.parse_args()
 
@@ -158,6 +162,8 @@ class _nothing:
 
 def main() -> None:
     args = parse_args()
+    if args.rounds < MIN_ROUNDS:
+        raise SystemExit(f"--rounds {args.rounds}: at least {MIN_ROUNDS} (a median and range of fewer say little)")
     started = common.begin()
     methods = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
@@ -236,35 +242,58 @@ def _cleanup(host: common.Host, methods: list[str]) -> None:
                     pass
 
 
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """Median and range (lowest, highest) of the measured values; None where there are none."""
+    xs = [v for v in values if v is not None]
+    return {"median": common.median(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None}
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    keys = ("s_per_step", "total_s", "cpu_s_per_step", "peak_rss_delta_mib", "gpu_peak_mib")
-    out: dict[str, Any] = {m: {k: common.median([r.get(k) for r in rs]) for k in keys} for m, rs in runs.items()}
+    """Per method and key: the median over the rounds (and ``<key>_range``: [lowest, highest]); per ratio
+    ``ours/<other>``: the ratio of the medians and, round by round, ``<key>_by_round`` with its median and range."""
+    out: dict[str, Any] = {}
+    for m, rs in runs.items():
+        out[m] = {}
+        for k in KEYS:
+            sp = spread([r.get(k) for r in rs])
+            out[m][k] = sp["median"]
+            out[m][f"{k}_range"] = [sp["min"], sp["max"]]
     ours = out.get("ours")
     for other in ("ti", "hn"):
         if ours is None or other not in out:
             continue
-        out[f"ours/{other}"] = {k: common.ratio(ours[k], out[other][k]) for k in keys}
-        # the same ratio round by round (runs of a round are neighbours in time)
-        out[f"ours/{other}"]["s_per_step_by_round"] = [
-            common.ratio(a["s_per_step"], b["s_per_step"]) for a, b in zip(runs["ours"], runs[other], strict=False)]
+        r: dict[str, Any] = {k: common.ratio(ours[k], out[other][k]) for k in KEYS}
+        for k in ("s_per_step", "cpu_s_per_step", "total_s"):
+            by_round = [common.ratio(a.get(k), b.get(k)) for a, b in zip(runs["ours"], runs[other], strict=False)]
+            r[f"{k}_by_round"] = by_round
+            r[f"{k}_by_round_spread"] = spread(by_round)
+        out[f"ours/{other}"] = r
     return out
 
 
+def _range(s: dict[str, Any], key: str, digits: int) -> str:
+    lo, hi = s.get(f"{key}_range", [None, None])
+    return f"{common.fmt(s[key], digits)} ({common.fmt(lo, digits)}–{common.fmt(hi, digits)})"
+
+
 def report(summary: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\ntraining speed, {args.resolution} px, batch 1, {args.steps} steps, median of {args.rounds} rounds")
-    print(f"{'method':<24}{'s/step':>9}{'total s':>9}{'CPU s/step':>12}{'peak +MiB':>11}")
+    print(f"\ntraining speed, {args.resolution} px, batch 1, {args.steps} steps; median (lowest–highest) of "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'method':<24}{'s/step':>22}{'CPU s/step':>22}{'total s':>20}{'peak +MiB':>16}")
     for m in METHODS:
         s = summary.get(m)
         if s:
-            print(f"{LABELS[m]:<24}{common.fmt(s['s_per_step']):>9}{common.fmt(s['total_s'], 1):>9}"
-                  f"{common.fmt(s['cpu_s_per_step']):>12}{common.fmt(s['peak_rss_delta_mib'], 0):>11}")
+            print(f"{LABELS[m]:<24}{_range(s, 's_per_step', 3):>22}{_range(s, 'cpu_s_per_step', 3):>22}"
+                  f"{_range(s, 'total_s', 1):>20}{_range(s, 'peak_rss_delta_mib', 0):>16}")
     for other in ("ti", "hn"):
         r = summary.get(f"ours/{other}")
         if r:
-            speedup = common.ratio(1.0, r["s_per_step"])
-            print(f"ours/{other.upper()}: s/step {common.fmt(r['s_per_step'])} (ours {common.fmt(speedup, 2)}x as fast), "
-                  f"CPU s/step {common.fmt(r['cpu_s_per_step'])}, total {common.fmt(r['total_s'])}, "
-                  f"peak memory {common.fmt(r['peak_rss_delta_mib'])}")
+            w, c = r["s_per_step_by_round_spread"], r["cpu_s_per_step_by_round_spread"]
+            speed = {k: common.ratio(1.0, w[k]) for k in ("median", "min", "max")}
+            print(f"ours/{other.upper()} per round: s/step {common.fmt(w['median'])} ({common.fmt(w['min'])}–"
+                  f"{common.fmt(w['max'])}), i.e. ours {common.fmt(speed['median'], 2)}x as fast "
+                  f"({common.fmt(speed['max'], 2)}–{common.fmt(speed['min'], 2)}x); CPU s/step {common.fmt(c['median'])} "
+                  f"({common.fmt(c['min'])}–{common.fmt(c['max'])}); peak memory {common.fmt(r['peak_rss_delta_mib'])}")
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args: argparse.Namespace):
@@ -281,7 +310,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args: a
         ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=15)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"training on the host's model, {args.resolution} px, batch 1, {args.steps} steps, "
-                 f"{args.rounds} interleaved rounds")
+                 f"{args.rounds} interleaved rounds (bars: median, dots: each round)")
     return fig
 
 

@@ -83,8 +83,8 @@ def render_image(context: ReferenceContext, scale: float, mode: str, settings: S
     )
     if scale != 0.0:  # scale 0 is "without": no hook at all, so the cell is exactly the plain image
         generation.add_in_memory(p, Activation(context, scale, mode))
-        if host.is_fork():  # the forks patch their UNet only in a script callback; this p has no scripts of its own
-            p.scripts = _PreviewScripts()
+    if host.is_fork():  # the forks read p.scripts (reForge: every cell) and patch their UNet only in a script callback
+        p.scripts = _PreviewScripts()
     saved = (shared.state.job_count, shared.state.job_no, shared.state.textinfo)  # the caller's progress display
     try:
         with contextlib.closing(p):

@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = os.path.join(CACHE, "quick") if args.quick else OUT
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    commit = _commit()  # the code that runs (HEAD may move while it does)
     log = _log(start)
     model_config, pre, cls = ModelConfig(), PretrainConfig(), ClassifierConfig()
     one = methods.OneShotConfig(budget_s=args.budget, clock=args.clock)
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.quality.v2.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
                     "jobs": args.jobs, "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
-        "commit": _commit(),
+        "commit": commit,
         "config": {"model": asdict(model_config), "pretrain": asdict(pre), "classifier": asdict(cls),
                    "one_shot": asdict(one), "eval": asdict(evaluation), "scales": SCALES, "curve_scales": CURVE_SCALES},
         "pretrain": pre_record, "classifier": cls_record, "sanity": checks,

@@ -144,21 +144,7 @@ def test_hires_and_img2img(fork, ctx):
 
 
 def test_patches_live_only_while_sampling(ctx, plain):
-    seen: list[int] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            seen.append(client.status()["hooks_installed"])
-            time.sleep(0.05)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=25)
-    finally:
-        done.set()
-        poller.join()
+    seen = client.hooks_seen_during(lambda: txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=25))
     assert max(seen) == 2, f"the attn2 and attn2-output patches while sampling, saw {sorted(set(seen))}"
     assert client.status()["hooks_installed"] == 0
     result: dict = {}

@@ -131,21 +131,7 @@ def test_corrupt_file_is_reported_and_server_keeps_serving(ctx):
 
 
 def test_hooks_present_during_sampling_and_gone_after(ctx):
-    seen: list[int] = []
-    done = threading.Event()
-
-    def poll():
-        while not done.is_set():
-            seen.append(client.status()["hooks_installed"])
-            time.sleep(0.05)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=60)
-    finally:
-        done.set()
-        poller.join()
+    seen = client.hooks_seen_during(lambda: txt2img(f"a photo of a dog <anima:{ctx['name']}:1>", steps=60))
     assert max(seen) == 17, f"16 attn2 hooks + 1 UNet pre-hook expected while sampling, saw {sorted(set(seen))}"
     assert client.status()["hooks_installed"] == 0
 

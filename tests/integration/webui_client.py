@@ -6,6 +6,9 @@ import base64
 import io
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import requests
@@ -74,6 +77,26 @@ def status() -> dict:
     r = get("/anima/v1/status")
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def hooks_seen_during(action: Callable[[], object], every: float = 0.05) -> list[int]:
+    """`hooks_installed` from the status route, polled while `action` runs (a generation), in the order seen."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            seen.append(status()["hooks_installed"])
+            time.sleep(every)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        action()
+    finally:
+        done.set()
+        poller.join()
+    return seen
 
 
 def last_rows() -> dict:

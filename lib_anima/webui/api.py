@@ -35,7 +35,7 @@ from lib_anima.fileio import atomic_write_bytes
 from lib_anima.images import decode_base64, open_image
 from lib_anima.names import check_name, sidecar_path
 from lib_anima.webui import api_guard, generation, host, store
-from lib_anima.webui.http_errors import http_error
+from lib_anima.webui.http_errors import error_answers
 
 PREFIX = "/anima/v1"
 TAGS = ["anima"]
@@ -101,10 +101,8 @@ class Status(BaseModel):
 
 
 def _name(name: str) -> str:
-    try:
+    with error_answers():
         return check_name(name)
-    except AnimaError as e:
-        raise http_error(e) from None
 
 
 def _thumb_route_exists(app: FastAPI | None) -> bool:
@@ -174,10 +172,8 @@ async def _file_from_body(request: Request, limit: int, json_field: str) -> tupl
             raise HTTPException(status_code=400, detail="the body is not valid JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get(json_field), str):
             raise HTTPException(status_code=400, detail=f'expected a JSON object {{"{json_field}": "<base64>"}}')
-        try:
+        with error_answers():
             raw = decode_base64(data.pop(json_field), f"'{json_field}'")
-        except AnimaError as e:
-            raise http_error(e) from None
         return raw, data
     if content_type == "multipart/form-data":
         body = await _read_body(request, limit + _BODY_SLACK)
@@ -321,56 +317,44 @@ class _Endpoints:
 
     def refresh_contexts(self) -> ContextList:
         """Reread the contexts folder (added, changed, deleted files) and list it."""
-        try:
+        with error_answers():
             store.library().refresh()
-        except AnimaError as e:
-            raise http_error(e) from None
         return _listing(self.app)
 
     def get_context(self, name: str) -> ContextSummary:
         """One context (404 unknown; 400 a broken file or an invalid name, with why)."""
         _name(name)
-        try:
+        with error_answers():
             return _summary(name, self.app)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
 
     def create(self, req: CreateRequest) -> ContextSummary:
         """An untrained context for the loaded model (from `init_text`, else random with `seed` and `std`)."""
         from lib_anima.webui import manage
 
-        try:
+        with error_answers():
             context = manage.create_context(req.name, req.n_tokens, req.init_text, req.seed, req.std, req.overwrite)
             return _summary(context.name, self.app)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
 
     def delete(self, name: str) -> Deleted:
         """Delete a context file (valid or broken) with its previews and user metadata."""
         _name(name)
-        try:
+        with error_answers():
             removed = store.library().delete(name)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
         return Deleted(name=name, files=[os.path.basename(p) for p in removed])
 
     def rename(self, name: str, req: RenameRequest) -> ContextSummary:
         """Rename a context (and its previews / user metadata); 409 if `new_name` exists and not `overwrite`."""
         _name(name)
         _name(req.new_name)
-        try:
+        with error_answers():
             store.library().rename(name, req.new_name, req.overwrite)
             return _summary(req.new_name, self.app)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
 
     def download(self, name: str) -> FileResponse:
         """The context's .safetensors file."""
         _name(name)
-        try:
+        with error_answers():
             path = store.library().file_path(name)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
         return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.safetensors")
 
     async def upload(self, name: str, request: Request, overwrite: bool = False) -> ContextSummary:
@@ -382,11 +366,9 @@ class _Endpoints:
         _name(name)
         raw, fields = await _file_from_body(request, MAX_UPLOAD_BYTES, "data")
         overwrite = overwrite or _flag(fields.get("overwrite", False), "overwrite")
-        try:
+        with error_answers():
             await run_in_threadpool(store.library().import_bytes, name, raw, overwrite)
             return _summary(name, self.app)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
 
     def get_preview(self, name: str) -> FileResponse:
         """The context's preview image, if it has one (404 otherwise)."""
@@ -400,13 +382,11 @@ class _Endpoints:
         """Store a preview image (PNG/JPEG/WebP/GIF, raw, multipart `file` or JSON `{"image": base64}`) as name.png."""
         _name(name)
         raw, _ = await _file_from_body(request, MAX_PREVIEW_BYTES, "image")
-        try:
+        with error_answers():
             store.library().file_path(name)
             png = await run_in_threadpool(_png_preview, raw)  # decoding a large image must not stall the server
             atomic_write_bytes(sidecar_path(store.contexts_dir(), name, ".png"), png)
             return _summary(name, self.app)
-        except (AnimaError, OSError) as e:
-            raise http_error(e) from None
 
     def status(self) -> Status:
         """Version, the loaded model's architecture, hooks installed now (0 outside sampling), context loads."""

@@ -12,49 +12,24 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lib_anima.errors import AnimaError, ArgumentError
-from lib_anima.webui import jobs, training
-from lib_anima.webui.http_errors import http_error, limit_body
+from lib_anima.options import MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, dump, parse
+from lib_anima.webui import jobs, train_inputs, training
+from lib_anima.webui.http_errors import error_answers, limit_body
+from lib_anima.webui.train_inputs import TrainRequest, decode_images, prompt_from_infotext
 
 PREFIX = "/anima/v1"
 # 64 reference images and masks as base64; the route refuses a larger body before parsing it (413)
 MAX_TRAIN_BODY_BYTES = 128 * 1024 * 1024
 
 
-class TrainBody(BaseModel):
-    """The tab's options; images and masks as base64 (PNG/JPEG/WebP, data URLs accepted)."""
+class TrainBody(TrainOptions):
+    """The training options (:class:`lib_anima.options.TrainOptions`) with the images and masks as base64
+    (PNG/JPEG/WebP, data URLs accepted)."""
 
-    name: str
-    images: list[str] = Field(default_factory=list, max_items=training.MAX_IMAGES,
-                              description="reference images, base64 (together at most "
-                                          f"{training.MAX_TOTAL_PIXELS} pixels)")
-    masks: list[str | None] = Field(default_factory=list, max_items=training.MAX_IMAGES,
+    images: list[str] = Field(default_factory=list, max_items=MAX_IMAGES,
+                              description=f"reference images, base64 (together at most {MAX_TOTAL_PIXELS} pixels)")
+    masks: list[str | None] = Field(default_factory=list, max_items=MAX_IMAGES,
                                     description="one per image (white = learn) or none")
-    dataset_dir: str = Field("", description="a textual-inversion style folder inside the allowed roots")
-    template: str = Field("", description="file name in the host's textual_inversion_templates")
-    name_text: str = ""
-    prompt: str = Field("", description="training prompt (reference images); default: the image's infotext prompt")
-    init_text: str = ""
-    n_tokens: int = 4
-    weights: str = ""
-    steps: int = 300
-    learning_rate: str = Field("5e-3", description='the host\'s schedule syntax, e.g. "0.005:100, 1e-3:1000, 1e-5"')
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    resolution: int = 0
-    flip: bool = True
-    use_alpha: bool = False
-    seed: int = 0
-    save_every: int = 0
-    preview_every: int = 0
-    preview_prompt: str = ""
-    preview_negative_prompt: str = ""
-    preview_steps: int = 20
-    preview_seed: int = -1
-    sweep: bool = Field(True, description="after the run, render the prompt at scales 0, 0.5, 1, 1.5 and 1 negative "
-                                          "(one seed, one labelled grid in the log folder: result.sweep)")
-    resume: bool = False
-    overwrite: bool = False
 
 
 class JobSummary(BaseModel):
@@ -77,31 +52,23 @@ class JobSummary(BaseModel):
     finished: float | None
 
 
-def to_request(body: TrainBody) -> training.TrainRequest:
-    fields = body.dict()
-    if body.masks and len(body.masks) != len(body.images):  # before decoding anything
-        raise ArgumentError(f"{len(body.masks)} masks for {len(body.images)} images; give one per image or none")
-    fields["images"] = training.decode_images(list(body.images), "image")
-    fields["masks"] = training.decode_images(list(body.masks), "mask")
-    if fields["images"] and not body.prompt.strip():
-        fields["prompt"] = training.prompt_from_infotext(fields["images"][0])
-    request = training.TrainRequest(**fields)
-    request.validate()
-    return request
+def to_request(body: TrainBody) -> TrainRequest:
+    body.check_inputs(len(body.images), len(body.masks))  # before decoding anything
+    images = decode_images(list(body.images), "image")
+    masks = decode_images(list(body.masks), "mask")
+    prompt = body.prompt if body.prompt.strip() or not images else prompt_from_infotext(images[0])
+    fields = {**dump(body, exclude={"images", "masks", "prompt"}), "images": images, "masks": masks, "prompt": prompt}
+    return parse(TrainRequest, fields)
 
 
 def train(body: TrainBody) -> dict:
-    try:
+    with error_answers():
         return training.train(to_request(body))
-    except AnimaError as e:
-        raise http_error(e) from None
 
 
 def start_job(body: TrainBody) -> JobSummary:
-    try:
+    with error_answers():
         job = jobs.start(to_request(body))
-    except AnimaError as e:
-        raise http_error(e) from None
     return JobSummary(**job.summary())
 
 
@@ -110,21 +77,17 @@ def list_jobs() -> list[JobSummary]:
 
 
 def get_job(job_id: str, preview: bool = False, sweep: bool = False) -> JobSummary:
-    try:
+    with error_answers():
         return JobSummary(**jobs.get(job_id).summary(with_preview=preview, with_sweep=sweep))
-    except AnimaError as e:
-        raise http_error(e) from None
 
 
 def interrupt_job(job_id: str) -> JobSummary:
-    try:
+    with error_answers():
         return JobSummary(**jobs.interrupt(job_id).summary())
-    except AnimaError as e:
-        raise http_error(e) from None
 
 
 def templates() -> list[str]:
-    return sorted(training.templates())
+    return sorted(train_inputs.templates())
 
 
 def add_routes(add_route: Callable[..., Any]) -> None:

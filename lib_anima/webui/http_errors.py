@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import HTTPException
 
-from lib_anima.errors import http_status
+from lib_anima.errors import AnimaError, http_status
 
 
 def http_error(e: Exception) -> HTTPException:
@@ -16,6 +18,16 @@ def http_error(e: Exception) -> HTTPException:
     if status == 500:  # an OSError: say what happened, without a traceback
         return HTTPException(status_code=500, detail=f"file system error: {getattr(e, 'strerror', None) or e}")
     return HTTPException(status_code=status, detail=str(e))
+
+
+@contextlib.contextmanager
+def error_answers() -> Iterator[None]:
+    """Around a route's work: an AnimaError (the request) or an OSError (the server's disk) is answered as
+    :func:`http_error` says; anything else stays a bug (500 with the host's traceback)."""
+    try:
+        yield
+    except (AnimaError, OSError) as e:
+        raise http_error(e) from None
 
 
 def error_body(detail: str) -> dict[str, str]:

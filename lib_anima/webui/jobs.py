@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from lib_anima.errors import AnimaError, NotFoundError
 from lib_anima.webui import training
+from lib_anima.webui.train_inputs import TrainRequest
+from lib_anima.webui.train_progress import Progress
 
 MAX_KEPT = 20
 STATES = ("queued", "running", "finished", "interrupted", "failed")
@@ -27,7 +29,7 @@ class Job:
     id: str
     name: str
     state: str = "queued"
-    progress: training.Progress = field(default_factory=training.Progress)
+    progress: Progress = field(default_factory=Progress)
     result: dict | None = None
     error: str = ""
     created: float = field(default_factory=time.time)
@@ -60,7 +62,7 @@ _jobs: OrderedDict[str, Job] = OrderedDict()
 _guard = threading.Lock()
 
 
-def start(req: training.TrainRequest) -> Job:
+def start(req: TrainRequest) -> Job:
     """Check everything the synchronous route checks (so a bad request is refused before a job exists), claim
     the one training slot and run in a background thread; returns at once."""
     training.preflight(req)
@@ -79,7 +81,7 @@ def start(req: training.TrainRequest) -> Job:
     return job
 
 
-def _run(job: Job, req: training.TrainRequest) -> None:
+def _run(job: Job, req: TrainRequest) -> None:
     try:
         job.result = training.locked_run(req, job.progress)
         job.state = "interrupted" if job.result.get("interrupted") else "finished"

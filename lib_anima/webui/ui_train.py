@@ -19,7 +19,10 @@ from modules.ui_components import FormRow, ToolButton
 from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
 from lib_anima.names import check_name
+from lib_anima.options import default_of, parse
 from lib_anima.webui import store, sweep, training
+from lib_anima.webui.train_inputs import TrainRequest, prompt_from_infotext, templates
+from lib_anima.webui.train_progress import Progress
 
 SOURCES = {  # host component after which a "send to Anima" button is created → the image it sends
     "txt2img_send_to_extras": "txt2img_gallery",
@@ -75,7 +78,7 @@ if not GRADIO_4:  # Gradio 4 has no sketch tool (and writes a .pyi stub next to 
 
 
 def _templates() -> list[str]:
-    return sorted(training.templates())
+    return sorted(templates())
 
 
 def _image_and_mask(value) -> tuple:
@@ -90,25 +93,18 @@ def _image_and_mask(value) -> tuple:
     return value, None
 
 
-def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, template, name_text, use_alpha, init_text,
-           n_tokens, weights, steps, learning_rate, batch_size, grad_accumulation, resolution, flip, seed,
-           save_every, preview_every, preview_prompt, sweep_on, resume, overwrite):
+# The Train button's inputs after id_task, in order. Every one but the image and the mask is the TrainOptions
+# field of the same name (lib_anima.options): the form is read by name, and its defaults and bounds come from there.
+FORM_FIELDS = ("name", "image", "mask", "prompt", "dataset_dir", "template", "name_text", "use_alpha", "init_text",
+               "n_tokens", "weights", "steps", "learning_rate", "batch_size", "grad_accumulation", "resolution", "flip",
+               "seed", "save_every", "preview_every", "preview_prompt", "sweep", "resume", "overwrite")
+
+
+def _train(id_task, *values):
     """The Train button (runs under wrap_gradio_gpu_call: queue lock, shared.state begun)."""
-    image, drawn = _image_and_mask(image_value)
-    mask = mask_upload if mask_upload is not None else drawn
     try:
-        request = training.TrainRequest(
-            name=(name or "").strip(), images=[image] if image is not None and not dataset_dir.strip() else [],
-            masks=[mask] if mask is not None and image is not None and not dataset_dir.strip() else [],
-            dataset_dir=dataset_dir or "", template=template or "", name_text=name_text or "",
-            prompt=prompt or (training.prompt_from_infotext(image) if image is not None else ""),
-            use_alpha=bool(use_alpha), init_text=init_text or "", n_tokens=int(n_tokens),
-            weights="" if weights == "all" else weights, steps=int(steps), learning_rate=str(learning_rate),
-            batch_size=int(batch_size), grad_accumulation=int(grad_accumulation), resolution=int(resolution),
-            flip=bool(flip), seed=int(seed), save_every=int(save_every), preview_every=int(preview_every),
-            preview_prompt=preview_prompt or "", sweep=bool(sweep_on), resume=bool(resume), overwrite=bool(overwrite),
-        )
-        progress = training.Progress()
+        request = _request(dict(zip(FORM_FIELDS, values, strict=True)))
+        progress = Progress()
         with training.exclusive():
             progress.started = True
             summary = training.run(request, progress)
@@ -123,6 +119,29 @@ def _train(id_task, name, image_value, mask_upload, prompt, dataset_dir, templat
     return progress.preview, progress.sweep, text
 
 
+def _request(form: dict) -> TrainRequest:
+    """The form's values by name → the request (checked by the options model; a refusal names the field)."""
+    image, drawn = _image_and_mask(form.pop("image"))
+    uploaded = form.pop("mask")
+    mask = uploaded if uploaded is not None else drawn
+    options = {name: _form_value(value) for name, value in form.items()}
+    options["name"] = options["name"].strip()
+    options["weights"] = "" if options["weights"] == "all" else options["weights"]
+    if not options["prompt"] and image is not None:
+        options["prompt"] = prompt_from_infotext(image)
+    images = [image] if image is not None and not options["dataset_dir"].strip() else []
+    return parse(TrainRequest, {**options, "images": images, "masks": [mask] if mask is not None and images else []})
+
+
+def _form_value(value):
+    """A Gradio value as the option wants it: an empty text box is "", a whole number from a Number input an int."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _sweep_caption(record: dict) -> str:
     if "error" in record:
         return f"The scale sweep failed: {html.escape(record['error'])}"
@@ -132,7 +151,7 @@ def _sweep_caption(record: dict) -> str:
 
 def _prompt_of(image_value) -> str:
     image, _ = _image_and_mask(image_value)
-    return training.prompt_from_infotext(image) if image is not None else gr.update()
+    return prompt_from_infotext(image) if image is not None else gr.update()
 
 
 def _received(filedata):
@@ -142,7 +161,7 @@ def _received(filedata):
     image = filedata if hasattr(filedata, "size") else infotext_utils.image_from_url_text(filedata)
     if image is None:
         return gr.update(), gr.update()
-    return image, training.prompt_from_infotext(image) or gr.update()
+    return image, prompt_from_infotext(image) or gr.update()
 
 
 
@@ -163,35 +182,40 @@ def _reference_inputs(prefix: str) -> tuple:
     return image, mask
 
 
+def _number(name: str, label: str, prefix: str) -> gr.Number:
+    """A whole-number option's input with the model's default. Its bounds are checked by the model, whose refusal
+    names the field (Gradio's own minimum/maximum would refuse before the run with a message that does not)."""
+    return gr.Number(label=label, value=default_of(name), precision=0, elem_id=f"{prefix}_{name}")
+
+
+def _checkbox(name: str, label: str, prefix: str) -> gr.Checkbox:
+    return gr.Checkbox(label=label, value=default_of(name), elem_id=f"{prefix}_{name}")
+
+
 def _build_options(c: dict, prefix: str) -> None:
     """The training options under the inputs (tokens, sites, steps, rate, batch, saving, previews, sweep)."""
     with FormRow():
-        c["use_alpha"] = gr.Checkbox(label="Use PNG alpha channel as loss weight", value=False, elem_id=f"{prefix}_use_alpha")
-        c["flip"] = gr.Checkbox(label="Train on horizontal flips too", value=True, elem_id=f"{prefix}_flip")
+        c["use_alpha"] = _checkbox("use_alpha", "Use PNG alpha channel as loss weight", prefix)
+        c["flip"] = _checkbox("flip", "Train on horizontal flips too", prefix)
     with FormRow():
         c["init_text"] = gr.Textbox(label="Initialization text (empty: small random)", elem_id=f"{prefix}_init_text")
-        c["n_tokens"] = gr.Number(label="Tokens per site", value=4, precision=0, elem_id=f"{prefix}_n_tokens")
+        c["n_tokens"] = _number("n_tokens", "Tokens per site", prefix)
         c["weights"] = gr.Dropdown(label="Sites", choices=["all", *[p for p in PRESETS if p != "all"]],
                                    value="all", elem_id=f"{prefix}_weights")
     with FormRow():
-        c["steps"] = gr.Number(label="Steps", value=300, precision=0, elem_id=f"{prefix}_steps")
-        c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value="5e-3",
+        c["steps"] = _number("steps", "Steps", prefix)
+        c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value=default_of("learning_rate"),
                                         elem_id=f"{prefix}_learning_rate")
-        c["seed"] = gr.Number(label="Seed (-1: random)", value=0, precision=0, elem_id=f"{prefix}_seed")
+        c["seed"] = _number("seed", "Seed (-1: random)", prefix)
     with FormRow():
-        c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id=f"{prefix}_batch_size")
-        c["grad_accumulation"] = gr.Number(label="Gradient accumulation", value=1, precision=0,
-                                           elem_id=f"{prefix}_grad_accumulation")
-        c["resolution"] = gr.Number(label="Resolution (0: model's native)", value=0, precision=0,
-                                    elem_id=f"{prefix}_resolution")
+        c["batch_size"] = _number("batch_size", "Batch size", prefix)
+        c["grad_accumulation"] = _number("grad_accumulation", "Gradient accumulation", prefix)
+        c["resolution"] = _number("resolution", "Resolution (0: model's native)", prefix)
     with FormRow():
-        c["save_every"] = gr.Number(label="Save state every N steps (0: end only)", value=0, precision=0,
-                                    elem_id=f"{prefix}_save_every")
-        c["preview_every"] = gr.Number(label="Preview every N steps (0: none)", value=0, precision=0,
-                                       elem_id=f"{prefix}_preview_every")
+        c["save_every"] = _number("save_every", "Save state every N steps (0: end only)", prefix)
+        c["preview_every"] = _number("preview_every", "Preview every N steps (0: none)", prefix)
     c["preview_prompt"] = gr.Textbox(label="Preview prompt (empty: the training prompt)", elem_id=f"{prefix}_preview_prompt")
-    c["sweep"] = gr.Checkbox(label="Scale sweep after training (scales 0, 0.5, 1, 1.5 and 1 negative, one seed)",
-                             value=True, elem_id=f"{prefix}_sweep")
+    c["sweep"] = _checkbox("sweep", "Scale sweep after training (scales 0, 0.5, 1, 1.5 and 1 negative, one seed)", prefix)
 
 
 def build_train(prefix: str) -> dict:
@@ -201,8 +225,8 @@ def build_train(prefix: str) -> dict:
         with gr.Column(variant="panel"):
             with FormRow():
                 c["name"] = gr.Textbox(label="Context name", elem_id=f"{prefix}_name")
-                c["overwrite"] = gr.Checkbox(label="Overwrite an existing context", value=False, elem_id=f"{prefix}_overwrite")
-                c["resume"] = gr.Checkbox(label="Resume the saved run of this name", value=False, elem_id=f"{prefix}_resume")
+                c["overwrite"] = _checkbox("overwrite", "Overwrite an existing context", prefix)
+                c["resume"] = _checkbox("resume", "Resume the saved run of this name", prefix)
             with gr.Tabs():
                 with gr.Tab("Reference image"):
                     c["image"], c["mask"] = _reference_inputs(prefix)
@@ -225,10 +249,7 @@ def build_train(prefix: str) -> dict:
             c["preview"] = gr.Image(label="Last preview", interactive=False, elem_id=f"{prefix}_preview")
             c["sweep_image"] = gr.Image(label="Scale sweep", interactive=False, elem_id=f"{prefix}_sweep_image")
             c["id_task"] = gr.Textbox(visible=False, elem_id=f"{prefix}_id_task")
-    inputs = [c[k] for k in ("id_task", "name", "image", "mask", "prompt", "dataset_dir", "template", "name_text",
-                             "use_alpha", "init_text", "n_tokens", "weights", "steps", "learning_rate", "batch_size",
-                             "grad_accumulation", "resolution", "flip", "seed", "save_every", "preview_every",
-                             "preview_prompt", "sweep", "resume", "overwrite")]
+    inputs = [c["id_task"], *(c[name] for name in FORM_FIELDS)]
     c["done"] = c["train"].click(fn=call_queue.wrap_gradio_gpu_call(_train, extra_outputs=[None, None]),
                      _js=f"(...args) => animaStartJob('{prefix}', args)",
                      inputs=inputs, outputs=[c["preview"], c["sweep_image"], c["output"]])  # the host's error text goes last

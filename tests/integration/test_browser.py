@@ -216,6 +216,27 @@ def test_upload_drop_and_drawn_mask_then_train(page, tmp_path, js_errors):
     assert not [e for e in js_errors[errors_before:] if e.startswith("page error")], js_errors
 
 
+def test_form_shows_the_options_models_defaults_and_names_a_refused_value(page):
+    """The form is built and read by the options model's field names: its inputs show the defaults the API's
+    schema shows, and a value the model refuses is named in the form's output (nothing runs)."""
+    show_anima_tab(page, "Train")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainBody"]["properties"]
+    for name in ("n_tokens", "batch_size", "grad_accumulation", "save_every", "preview_every"):
+        shown = page.locator(f"#anima_tab_{name} input[type=number]").input_value()
+        assert float(shown) == schema[name]["default"], (name, shown)
+    shown = page.locator("#anima_tab_learning_rate textarea").input_value()
+    assert float(shown) == float(schema["learning_rate"]["default"]), shown  # the host's ui-config may say 5e-3
+    fill(page, "#anima_tab_name textarea", "itest_ui_refused")
+    fill(page, "#anima_tab_steps input[type=number]", "0")
+    page.locator("#anima_tab_train").click()
+    page.wait_for_function("document.querySelector('#anima_tab_output').innerText.includes('Training failed')",
+                           timeout=120_000)
+    output = page.locator("#anima_tab_output").last.inner_text()
+    assert "steps:" in output and "1" in output, output
+    fill(page, "#anima_tab_steps input[type=number]", "2")
+    assert client.get("/anima/v1/contexts/itest_ui_refused").status_code == 404
+
+
 def _choose(page, name: str) -> None:
     page.locator("#anima_contexts_chosen input").click()
     page.locator("#anima_contexts_chosen li", has_text=name).first.click()

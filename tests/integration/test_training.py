@@ -313,3 +313,22 @@ def test_status_comes_from_the_error_not_its_words(webui):
     for route in ("/anima/v1/train", "/anima/v1/train/jobs"):
         r = client.post(route, body)
         assert r.status_code == 400 and "learning rate" in r.json()["detail"], (route, r.text)
+
+
+@pytest.mark.forks
+def test_options_are_bounded_typed_and_described_in_the_schema(webui):
+    """One options model behind the body: its bounds and descriptions show in /docs, and a value outside them, a
+    wrong type or a misspelt option is refused with 422 naming the field, before any job exists."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainBody"]["properties"]
+    assert (schema["steps"]["minimum"], schema["steps"]["maximum"], schema["steps"]["default"]) == (1, 100_000, 300)
+    assert schema["resolution"]["multipleOf"] == 8 and schema["n_tokens"]["maximum"] == 75
+    assert all(schema[name].get("description") for name in ("steps", "learning_rate", "weights", "sweep"))
+    body = {**BASE, "images": [_png_b64((64, 64))], "name": "itest_bounds", "steps": 2}
+    before = _job_ids()
+    for bad, field in (({"steps": 0}, "steps"), ({"n_tokens": 76}, "n_tokens"), ({"resolution": 100}, "resolution"),
+                       ({"batch_size": "2"}, "batch_size"), ({"flip": "no"}, "flip"), ({"stepz": 5}, "stepz")):
+        for route in ("/anima/v1/train", "/anima/v1/train/jobs"):
+            r = client.post(route, {**body, **bad})
+            assert r.status_code == 422 and field in r.text, (bad, route, r.status_code, r.text)
+    assert _job_ids() == before
+    assert client.get("/anima/v1/contexts/itest_bounds").status_code == 404

@@ -617,6 +617,12 @@ def site_entries(sites: list[Site], activations: list[Activation]) -> list[list[
     return entries
 
 
+def check_fits(unet: torch.nn.Module, activation: Activation) -> None:
+    """Refuse `activation` where it does not fit `unet` (site count, layout, context_dim, weights), with the
+    error a session would raise when made; nothing is installed."""
+    site_entries(find_sites(unet), [activation])
+
+
 def add_site_terms(
     x: torch.Tensor, output: torch.Tensor, entries: list[_SiteEntry], rows: Rows, progress: float,
     folded: Callable[[_SiteEntry], FoldedSite], upcast: bool = False,

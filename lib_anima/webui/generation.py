@@ -16,7 +16,7 @@ import logging
 
 from lib_anima import infotext
 from lib_anima.errors import AnimaError
-from lib_anima.inject import Activation, CallRecord, ChunkRows, InjectionSession, RowTracker
+from lib_anima.inject import Activation, CallRecord, ChunkRows, InjectionSession, RowTracker, check_fits
 from lib_anima.layout import find_sites
 from lib_anima.patching import PatchSession
 from lib_anima.units import ContextUnit
@@ -136,8 +136,7 @@ class RunState:
         try:
             context = store.library().load(unit.name)
             activation = Activation(context, unit.scale, unit.mode, unit.start, unit.end, unit.weights or None)
-            probe = InjectionSession(unet, [activation])  # validates fit and weights; installs nothing
-            del probe
+            check_fits(unet, activation)
             return activation
         except AnimaError as e:
             self.warn(p, f"{unit.name} skipped: {e}")

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from modules import shared
 from PIL import Image, PngImagePlugin
 
+from lib_anima import inject
 from lib_anima.context import ReferenceContext
 from lib_anima.errors import AnimaError
 from lib_anima.fileio import atomic_write_bytes
 from lib_anima.grid import font_size, labelled_row
-from lib_anima.inject import Activation, InjectionSession
+from lib_anima.inject import Activation
 from lib_anima.webui import host, store
 
 # (scale, mode) per cell: without, half, as trained, beyond, and pushed away from the reference
@@ -66,7 +67,7 @@ def check_fits(context: ReferenceContext) -> None:
     unet = store.current_unet()
     if unet is None:
         raise AnimaError("no model is loaded")
-    InjectionSession(unet, [Activation(context, 1.0, "positive")])  # validates; installs nothing
+    inject.check_fits(unet, Activation(context, 1.0, "positive"))
 
 
 def render_image(context: ReferenceContext, scale: float, mode: str, settings: SweepSettings) -> Image.Image | None:

@@ -19,6 +19,7 @@ from lib_anima.inject import (
     AllConditional,
     InjectionSession,
     RowTracker,
+    check_fits,
     decoupled_attention,
     fold_site,
     folded_attention,
@@ -856,3 +857,15 @@ def test_upcast_computes_a_half_precision_term_in_float32(sd1_sites):
         with InjectionSession(model, [Activation(one_site_context(tokens), scale=1.0)], upcast=True):
             hooked = model(x, context)
     assert torch.equal(hooked, clean + upcast)
+
+
+def test_check_fits_refuses_what_a_session_refuses_and_installs_nothing(sd1, sd1_sites, sdxl_sites):
+    check_fits(sd1, Activation(make_context(sd1_sites), 1.0, "positive"))
+    assert_no_hooks(sd1)
+    with pytest.raises(ContextMismatchError):
+        check_fits(sd1, Activation(make_context(sdxl_sites, arch="sdxl"), 1.0, "positive"))
+    with pytest.raises(ContextMismatchError):
+        check_fits(sd1, Activation(make_context(sd1_sites, dim=CTX_DIM * 2), 1.0, "positive"))
+    with pytest.raises(ArgumentError):
+        check_fits(sd1, Activation(make_context(sd1_sites), 1.0, "positive", weights=[1.0, 0.5]))
+    assert_no_hooks(sd1)

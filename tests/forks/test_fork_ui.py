@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.integration import webui_client as client
-from tests.integration.browser import CHROMIUM
-from tests.integration.browser import fill as _fill
+from tests.integration.browser import CHROMIUM, train_in_tab
 
 TRAINED = "itest_forge_ui_trained"
 
@@ -72,13 +71,7 @@ def test_train_from_the_tab_with_an_uploaded_mask(page, tmp_path):
     page.wait_for_function("document.querySelector('#anima_tab_prompt textarea').value.includes('lighthouse')")
     page.locator("#anima_tab_mask input[type=file]").set_input_files(mask_path)
     page.locator("#anima_tab_mask img").first.wait_for(state="visible")
-    _fill(page, "#anima_tab_name textarea", TRAINED)
-    _fill(page, "#anima_tab_steps input[type=number]", "2")
-    _fill(page, "#anima_tab_resolution input[type=number]", "64")
-    page.locator("#anima_tab_overwrite input").check()
-    page.locator("#anima_tab_train").click()
-    page.wait_for_function("document.querySelector('#anima_tab_output').innerText.includes('finished')",
-                           timeout=600_000)
+    assert "finished" in train_in_tab(page, TRAINED, steps=2)
     info = client.get(f"/anima/v1/contexts/{TRAINED}").json()
     assert info["training"]["steps"] == 2 and info["training"]["prompt"].startswith("a lighthouse at dusk")
     log_dir = page.locator("#anima_tab_output").inner_text().split("checkpoints:")[-1].strip().splitlines()[0]

@@ -78,6 +78,19 @@ def fill(page, selector: str, value: str) -> None:
     box.dispatch_event("input")
 
 
+def train_in_tab(page, name: str, steps: int) -> str:
+    """The Anima tab's form (whatever reference it holds): name, steps, 64 px, overwrite on; press Train and wait
+    until the output names the context (A1111 and both forks' pages). Returns the output's text."""
+    fill(page, "#anima_tab_name textarea", name)
+    fill(page, "#anima_tab_steps input[type=number]", str(steps))
+    fill(page, "#anima_tab_resolution input[type=number]", "64")
+    page.locator("#anima_tab_overwrite input").check()
+    page.locator("#anima_tab_train").click()
+    page.wait_for_function("n => document.querySelector('#anima_tab_output').innerText.includes('context ' + n)",
+                           arg=name, timeout=600_000)
+    return page.locator("#anima_tab_output").last.inner_text()
+
+
 def show_anima_tab(page, inner: str) -> None:
     """The Anima tab, then its inner tab `inner` (Train or Contexts)."""
     page.locator("#tabs > .tab-nav > button", has_text="Anima").click()

@@ -21,6 +21,7 @@ from tests.integration.browser import (
     open_page,
     png_with_infotext,
     show_anima_tab,
+    train_in_tab,
     wait_for_host_scripts,
 )
 
@@ -114,13 +115,7 @@ def ui_trained(page) -> int:
     # the Anima tab shows the image and the prompt it was made with
     page.locator("#anima_tab_image img").first.wait_for(state="visible")
     page.wait_for_function("document.querySelector('#anima_tab_prompt textarea').value.includes('lighthouse')")
-    fill(page, "#anima_tab_name textarea", TRAINED)
-    fill(page, "#anima_tab_steps input[type=number]", "3")
-    fill(page, "#anima_tab_resolution input[type=number]", "64")
-    page.locator("#anima_tab_overwrite input").check()
-    page.locator("#anima_tab_train").click()
-    page.wait_for_function("document.querySelector('#anima_tab_output').innerText.includes('finished')",
-                           timeout=600_000)
+    assert "finished" in train_in_tab(page, TRAINED, steps=3)
     return log_start
 
 
@@ -193,14 +188,7 @@ def test_upload_drop_and_drawn_mask_then_train(page, tmp_path, js_errors):
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
     page.mouse.up()
-    fill(page, "#anima_tab_name textarea", UPLOADED)
-    fill(page, "#anima_tab_steps input[type=number]", "2")
-    fill(page, "#anima_tab_resolution input[type=number]", "64")
-    page.locator("#anima_tab_overwrite input").check()
-    page.locator("#anima_tab_train").click()
-    page.wait_for_function("n => document.querySelector('#anima_tab_output').innerText.includes('context ' + n)",
-                           arg=UPLOADED, timeout=600_000)
-    output = page.locator("#anima_tab_output").last.inner_text()
+    output = train_in_tab(page, UPLOADED, steps=2)
     assert "finished" in output, output
     _no_error_shown(page, "anima_tab_image")
     log_dir = output.split("checkpoints: ", 1)[1].splitlines()[0].strip()

@@ -10,7 +10,6 @@ happen fails the test.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -88,26 +87,12 @@ def test_exception_in_process_is_logged_and_generation_goes_on(ctx, clean):
     _assert_clean_after("exception: another script's process()", clean, ctx["name"])
 
 
-def _long_generation(name: str, result: dict) -> threading.Thread:
-    def run() -> None:
-        result["r"] = client.post("/sdapi/v1/txt2img", {"prompt": f"x XFAULT_SLOW_50 <anima:{name}:1>", "steps": 200,
-                                                        "width": 64, "height": 64, "seed": 1})
-    worker = threading.Thread(target=run)
-    worker.start()
-    deadline = time.time() + 60
-    while client.status()["hooks_installed"] < 17 and time.time() < deadline:
-        time.sleep(0.05)
-    assert client.status()["hooks_installed"] >= 17, "sampling with the context did not start"
-    return worker
-
-
 ACTIONS = ["interrupt", "skip"]
 
 
 @pytest.mark.parametrize("action", ACTIONS)
 def test_interrupt_and_skip_mid_generation(ctx, clean, action):
-    result: dict = {}
-    worker = _long_generation(ctx["name"], result)
+    worker, result = client.generation_in_flight(f"x XFAULT_SLOW_50 <anima:{ctx['name']}:1>", steps=200)
     started = time.time()
     client.post(f"/sdapi/v1/{action}")
     worker.join(timeout=120)

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.integration import webui_client as client
-from tests.integration.browser import fill, open_page, png_with_infotext, show_anima_tab
+from tests.integration.browser import open_page, png_with_infotext, show_anima_tab, train_in_tab
 
 pytestmark = pytest.mark.host("no-api")
 TRAINED = "itest_no_api_trained"
@@ -47,14 +47,7 @@ def test_the_ui_trains_and_lists_without_the_routes(host, tmp_path):
         page.locator("#anima_tab_image input[type=file]").set_input_files(
             png_with_infotext(str(tmp_path / "ref.png"), "a paper boat"))
         page.wait_for_function("document.querySelector('#anima_tab_prompt textarea').value === 'a paper boat'")
-        fill(page, "#anima_tab_name textarea", TRAINED)
-        fill(page, "#anima_tab_steps input[type=number]", "2")
-        fill(page, "#anima_tab_resolution input[type=number]", "64")
-        page.locator("#anima_tab_overwrite input").check()
-        page.locator("#anima_tab_train").click()
-        page.wait_for_function("n => document.querySelector('#anima_tab_output').innerText.includes('context ' + n)",
-                               arg=TRAINED, timeout=600_000)
-        assert "finished" in page.locator("#anima_tab_output").last.inner_text()
+        assert "finished" in train_in_tab(page, TRAINED, steps=2)
         show_anima_tab(page, "Contexts")
         page.wait_for_function("n => document.querySelector('#anima_contexts_table').textContent.includes(n)",
                                arg=TRAINED, timeout=30_000)

@@ -99,6 +99,24 @@ def hooks_seen_during(action: Callable[[], object], every: float = 0.05) -> list
     return seen
 
 
+def generation_in_flight(prompt: str, steps: int, hooks: int = 17) -> tuple[threading.Thread, dict]:
+    """A 64 px txt2img of `steps` steps in a thread, returned once the status route shows its `hooks` installed
+    (sampling with the context has begun); the response lands in the dict under "r"."""
+    result: dict = {}
+
+    def run() -> None:
+        result["r"] = post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": steps, "width": 64, "height": 64,
+                                                 "seed": 1})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 60
+    while status()["hooks_installed"] < hooks and time.time() < deadline:
+        time.sleep(0.05)
+    assert status()["hooks_installed"] >= hooks, "sampling with the context did not start"
+    return worker, result
+
+
 def last_rows() -> dict:
     """Which rows of each UNet call of the last generation were cond / uncond / left alone (the host runs with
     --anima-debug-rows: tests/run.sh starts it so), and whether each context reached a call."""

@@ -3,8 +3,9 @@ are built and read by field name) and the run (:class:`lib_anima.webui.train_inp
 decoded images to it).
 
 Every bound lives in :data:`LIMITS` and becomes the field's constrained type, so the API refuses an out-of-range
-value with 422 and shows the bound in its schema, the tab's number inputs get it as their minimum/maximum, and a
-value the tab passes outside it is refused by the same model (:func:`parse`).
+value with 422 and shows the bound in its schema, and a value the tab passes outside it is refused by the same
+model with the field's name (:func:`parse`). Every type is strict, so both pydantic versions refuse the same
+inputs (pydantic 1 would turn ``5`` into ``"5"``, pydantic 2 ``true`` into ``1.0``).
 
 Works with pydantic 1 (A1111, reForge) and 2 (Forge): only ``Field``, ``conint`` and strict types are used, and
 :func:`dump`, :func:`default_of` and :func:`parse` hide the two APIs' differences. No ``from __future__ import
@@ -14,7 +15,7 @@ annotations`` here: the constrained types must be evaluated where they are writt
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, Field, StrictBool, conint
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, conint
 
 from lib_anima.create import MAX_TOKENS
 from lib_anima.errors import ArgumentError
@@ -58,20 +59,20 @@ class TrainOptions(BaseModel):
         class Config:
             extra = "forbid"
 
-    name: str = Field(..., description="the context's name (its file in the contexts folder)")
-    dataset_dir: str = Field("", description="a textual-inversion style folder inside the allowed roots "
+    name: StrictStr = Field(..., description="the context's name (its file in the contexts folder)")
+    dataset_dir: StrictStr = Field("", description="a textual-inversion style folder inside the allowed roots "
                                              "(instead of reference images)")
-    template: str = Field("", description="dataset only: a file name in the host's textual_inversion_templates")
-    name_text: str = Field("", description="dataset only: what [name] in a template becomes")
-    prompt: str = Field("", description="the training prompt for reference images; default: the first image's "
+    template: StrictStr = Field("", description="dataset only: a file name in the host's textual_inversion_templates")
+    name_text: StrictStr = Field("", description="dataset only: what [name] in a template becomes")
+    prompt: StrictStr = Field("", description="the training prompt for reference images; default: the first image's "
                                         "infotext prompt")
-    init_text: str = Field("", description="text whose embedding starts every token (empty: small random)")
+    init_text: StrictStr = Field("", description="text whose embedding starts every token (empty: small random)")
     n_tokens: _whole("n_tokens") = Field(TrainConfig.n_tokens, description="tokens per site")
-    weights: str = Field("", description='sites: "" (all), a preset (coarse, middle, fine, in, mid, out) or one '
+    weights: StrictStr = Field("", description='sites: "" (all), a preset (coarse, middle, fine, in, mid, out) or one '
                                          "weight per site, comma separated (0: not trained)")
     steps: _whole("steps") = Field(TrainConfig.steps, description="optimisation steps")
-    learning_rate: str | float = Field(f"{TrainConfig.lr:g}", description='a number or the host\'s schedule '
-                                       'syntax, e.g. "0.005:100, 1e-3:1000, 1e-5"')
+    learning_rate: StrictStr | StrictFloat | StrictInt = Field(
+        f"{TrainConfig.lr:g}", description='a number or the host\'s schedule syntax, e.g. "0.005:100, 1e-3:1000, 1e-5"')
     batch_size: _whole("batch_size") = Field(TrainConfig.batch_size, description="examples per step")
     grad_accumulation: _whole("grad_accumulation") = Field(TrainConfig.grad_accumulation,
                                                            description="batches per optimiser step")
@@ -83,8 +84,8 @@ class TrainOptions(BaseModel):
     save_every: _whole("save_every") = Field(0, description="save a checkpoint and the resumable state every N "
                                                             "steps (0: at the end only)")
     preview_every: _whole("preview_every") = Field(0, description="render a preview every N steps (0: none)")
-    preview_prompt: str = Field("", description="previews and sweep: the prompt (empty: the training prompt)")
-    preview_negative_prompt: str = ""
+    preview_prompt: StrictStr = Field("", description="previews and sweep: the prompt (empty: the training prompt)")
+    preview_negative_prompt: StrictStr = ""
     preview_steps: _whole("preview_steps") = Field(20, description="sampling steps of previews and the sweep")
     preview_seed: _whole("preview_seed") = Field(-1, description="-1: the run's seed")
     sweep: StrictBool = Field(True, description="after the run, render the prompt at scales 0, 0.5, 1, 1.5 and 1 "
@@ -100,6 +101,11 @@ class TrainOptions(BaseModel):
             raise ArgumentError(f"give at most {MAX_IMAGES} reference images, got {n_images}")
         if n_masks and n_masks != n_images:
             raise ArgumentError(f"{n_masks} masks for {n_images} images; give one per image or none")
+
+
+def max_items(count: int) -> dict[str, int]:
+    """``Field`` keywords bounding a list's length (pydantic 2 renamed ``max_items``)."""
+    return {"max_length": count} if PYDANTIC_2 else {"max_items": count}
 
 
 def field_names(model: type[BaseModel] = TrainOptions) -> list[str]:
@@ -120,5 +126,8 @@ def parse(model: type[BaseModel], values: dict) -> Any:
     try:
         return model(**values)
     except pydantic.ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ArgumentError(f"invalid training options: {problems}") from None
+        problems: dict[str, list[str]] = {}  # by field: a union's branches each add their own complaint
+        for err in e.errors():
+            problems.setdefault(str(err["loc"][0]), []).append(err["msg"])
+        text = "; ".join(f"{field}: {' or '.join(dict.fromkeys(msgs))}" for field, msgs in problems.items())
+        raise ArgumentError(f"invalid training options: {text}") from None

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lib_anima.options import MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, dump, parse
+from lib_anima.options import MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, dump, max_items, parse
 from lib_anima.webui import jobs, train_inputs, training
 from lib_anima.webui.http_errors import error_answers, limit_body
 from lib_anima.webui.train_inputs import TrainRequest, decode_images, prompt_from_infotext
@@ -26,9 +26,9 @@ class TrainBody(TrainOptions):
     """The training options (:class:`lib_anima.options.TrainOptions`) with the images and masks as base64
     (PNG/JPEG/WebP, data URLs accepted)."""
 
-    images: list[str] = Field(default_factory=list, max_items=MAX_IMAGES,
+    images: list[str] = Field(default_factory=list, **max_items(MAX_IMAGES),
                               description=f"reference images, base64 (together at most {MAX_TOTAL_PIXELS} pixels)")
-    masks: list[str | None] = Field(default_factory=list, max_items=MAX_IMAGES,
+    masks: list[str | None] = Field(default_factory=list, **max_items(MAX_IMAGES),
                                     description="one per image (white = learn) or none")
 
 

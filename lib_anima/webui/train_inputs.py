@@ -24,7 +24,7 @@ from pydantic import Field
 from lib_anima import dataset as ti_dataset
 from lib_anima.errors import AnimaError, ArgumentError, TooLargeError
 from lib_anima.images import decode_base64, image_size
-from lib_anima.names import check_directory
+from lib_anima.names import check_directory, check_name
 from lib_anima.options import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions
 from lib_anima.schedule import schedule_pairs
 from lib_anima.train import TrainExample
@@ -44,6 +44,7 @@ class TrainRequest(TrainOptions):
     log_directory: str = Field("", description="default: the host's textual_inversion log folder")
 
     def check(self) -> None:
+        check_name(self.name)
         self.check_inputs(len(self.images), len(self.masks))
 
 

@@ -35,8 +35,9 @@ def test_every_bound_is_in_the_schema_and_enforced(name):
             parse(TrainOptions, {"name": "n", name: value})
 
 
-@pytest.mark.parametrize("bad", [{"steps": "300"}, {"steps": True}, {"steps": 3.5}, {"flip": "yes"},
-                                 {"resolution": 100}, {"stepz": 10}, {}])
+@pytest.mark.parametrize("bad", [{"steps": "300"}, {"steps": True}, {"steps": 3.5}, {"flip": "yes"}, {"flip": 1},
+                                 {"resolution": 100}, {"stepz": 10}, {"learning_rate": True}, {"prompt": 5},
+                                 {"weights": None}, {}])
 def test_wrong_types_unknown_fields_and_a_missing_name_are_refused_by_name(bad):
     values = {"name": "n", **bad} if bad else {}
     with pytest.raises(ArgumentError) as raised:

@@ -113,7 +113,7 @@ def run_ours(url: str, name: str, args: argparse.Namespace, image_b64: str) -> N
     common.call(url, "/anima/v1/train", {
         "name": name, "images": [image_b64], "prompt": "a photo of a subject", "steps": args.steps,
         "learning_rate": "5e-3", "n_tokens": args.n_tokens, "resolution": args.resolution, "flip": False,
-        "seed": 1, "overwrite": True}, timeout=7200)
+        "seed": 1, "overwrite": True, "sweep": False}, timeout=7200)  # the host trains no sweep either
 
 
 def measure(host: common.Host, args: argparse.Namespace, job: Callable[[], None]) -> dict[str, Any]:

@@ -72,6 +72,13 @@ def _host_fields(steps: int, size: int, data_root: str, log_dir: str, template: 
     }
 
 
+def clear_loaded_networks(url: str) -> None:
+    """Untimed, before every timed run: the host keeps a hypernetwork it trained loaded (applied in every
+    cross-attention, for TI's and our training too, ~3x slower per step here) until a generation loads the
+    prompt's networks; one tiny txt2img without any puts every method on the same clean host."""
+    common.call(url, "/sdapi/v1/txt2img", {"prompt": "a photo", "steps": 1, "width": 64, "height": 64, "seed": 1})
+
+
 def prepare_ti(url: str, name: str, args: argparse.Namespace) -> None:
     info = common.call(url, "/sdapi/v1/create/embedding", {
         "name": name, "num_vectors_per_token": args.n_tokens, "overwrite_old": True, "init_text": "*"})["info"]
@@ -192,6 +199,7 @@ def main() -> None:
                 order = methods[r % len(methods):] + methods[:r % len(methods)]
                 for m in order:
                     jobs[m][0](f"r{r}")
+                    clear_loaded_networks(host.url)
                     result = measure(host, args, lambda m=m, r=r: jobs[m][1](f"r{r}"))
                     result["round"] = r
                     runs[m].append(result)

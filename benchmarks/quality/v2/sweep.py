@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     log = _log(start, "sweep: ")
     pre, cls, evaluation, steps = PretrainConfig(), ClassifierConfig(), EvalConfig(curve_seeds=1), 400
     if args.quick:
-        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10), ClassifierConfig(steps=20, bank=256)
+        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10, stage3_steps=5), ClassifierConfig(steps=20, bank=256)
         evaluation, steps = EvalConfig(curve_seeds=1, sampler_steps=3), 10
     model, _ = load_or_pretrain(ModelConfig(), pre, log)
     classifier, _ = load_or_train_classifier(cls, log)

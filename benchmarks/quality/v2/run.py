@@ -49,7 +49,7 @@ CURVE_SCALES = (0.5, 1.0)  # each checkpoint of ours / TI is drawn at these (the
 MODES = ("positive", "negative")
 OUT = os.path.join(REPO, "benchmarks", "results", "quality_v2")
 LR_GRIDS = {"ours": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "ti": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
-            "finetune": (3e-5, 1e-4, 3e-4, 1e-3)}
+            "finetune": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)}
 
 
 @dataclass(frozen=True)

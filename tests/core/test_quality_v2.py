@@ -144,3 +144,28 @@ def test_summary_and_checkpoints():
     assert goals.summary([None]) == {"median": None, "min": None, "max": None, "missing": 1}
     assert _checkpoints(OneShotConfig(first_checkpoint=5, checkpoint_growth=2.0))[:4] == [5, 10, 20, 40]
     assert _checkpoints(OneShotConfig(first_checkpoint=10, checkpoint_growth=2.0, max_steps=50)) == [10, 20, 40, 50]
+
+
+def test_learning_rate_trials_judge_as_along_training():
+    from benchmarks.quality.v2.run import choose_lr, trial_value
+
+    floor, base = 0.9, 0.3
+    c = cv([(1.0, [(0.5, 0.5, 0.95), (1, 0.8, 0.5)]), (2.0, [(0.5, 0.6, 0.5), (1, 0.9, 0.4)])])
+    # ours / TI: scale 0.5 counts at the first checkpoint, the second has none within the floor (-> the base's)
+    assert trial_value("ours", c, floor, base) == pytest.approx((0.5 + 0.3) / 2)
+    assert trial_value("finetune", c, floor, base) == 0.9  # the upper bound: no floor
+    pick = choose_lr([{"lr": 0.1, "value": 0.3}, {"lr": 0.01, "value": 0.3}, {"lr": 0.03, "value": 0.2}])
+    assert pick == {"lr": 0.01, "value": 0.3, "tied": [0.01, 0.1], "at_grid_edge": True}
+    assert choose_lr([{"lr": 0.1, "value": 0.3}, {"lr": 0.01, "value": 0.2}, {"lr": 1.0, "value": 0.1}]) == {
+        "lr": 0.1, "value": 0.3, "tied": [], "at_grid_edge": False}
+
+
+def test_pretrain_stages_keep_earlier_cache_keys():
+    from dataclasses import replace
+
+    from benchmarks.quality.v2.model import PretrainConfig, cache_path
+
+    two = replace(PretrainConfig(), stage3_steps=0)
+    # the two-stage model's key is the one it had before a third stage existed (its cache stays valid)
+    assert cache_path(ModelConfig(), two).endswith("base-a9a68ffec44983e0.pt")
+    assert cache_path(ModelConfig(), PretrainConfig()) != cache_path(ModelConfig(), two)

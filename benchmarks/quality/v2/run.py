@@ -48,7 +48,8 @@ SCALES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 CURVE_SCALES = (0.5, 1.0)  # each checkpoint of ours / TI is drawn at these (the fine-tune at 1)
 MODES = ("positive", "negative")
 OUT = os.path.join(REPO, "benchmarks", "results", "quality_v2")
-LR_GRIDS = {"ours": (0.01, 0.03, 0.1, 0.3), "ti": (0.003, 0.01, 0.03, 0.1, 0.3), "finetune": (1e-4, 3e-4, 1e-3)}
+LR_GRIDS = {"ours": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "ti": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+            "finetune": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)}
 
 
 @dataclass(frozen=True)
@@ -124,31 +125,40 @@ def curve(drawer: Drawer, character, run: methods.Run, seeds: int, scales=CURVE_
 # ---- learning rates ---------------------------------------------------------------------------------------------
 
 
-def select_lr(method: str, drawer: Drawer, base: dict, one: methods.OneShotConfig, budget: float,
-              log: Callable[[str], None]) -> tuple[float, list[dict]]:
-    """Short trials on the dev character, each checkpoint drawn as along training (ours / TI at scales 0.5 and 1,
-    the fine-tune at 1). Ours / TI: the mean over checkpoints (geometric in steps, so sooner counts more) of the
-    best similarity within the adherence floor, a checkpoint with none counted as the base's similarity. Fine-tune
-    (the upper bound, judged without the floor like its gain): the highest similarity.
+def trial_value(method: str, c: list[dict], floor: float, base_similarity: float) -> float:
+    """How good one learning-rate trial's curve is. Ours / TI: the mean over checkpoints (geometric in steps, so
+    sooner counts more) of the best similarity within the adherence floor over the checkpoint's scales, a
+    checkpoint with none counted as the base's similarity. Fine-tune (the upper bound, judged without the floor
+    like its gain): the highest similarity."""
+    if method == "finetune":
+        return max(p["similarity"] for cp in c for p in cp["scales"])
+    vals = [v["value"] if v["value"] is not None else base_similarity for v in goals.checkpoint_values(c, floor)]
+    return sum(vals) / len(vals)
+
+
+def choose_lr(trials: list[dict]) -> dict:
+    """The trial with the highest value; on a tie the lowest rate, and ``tied`` lists the rates that tie."""
+    best = max(t["value"] for t in trials)
+    tied = sorted(t["lr"] for t in trials if t["value"] >= best - 1e-9)
+    return {"lr": tied[0], "value": best, "tied": tied if len(tied) > 1 else [],
+            "at_grid_edge": tied[0] in (min(t["lr"] for t in trials), max(t["lr"] for t in trials))}
+
+
+def run_trial(method: str, lr: float, drawer: Drawer, base: dict, one: methods.OneShotConfig, budget: float,
+              log: Callable[[str], None]) -> dict:
+    """One short trial on the dev character, each checkpoint drawn as along training (ours / TI at scales 0.5 and
+    1, the fine-tune at 1), valued by :func:`trial_value`.
 
     (Until commit 'quality v2: trials judge ...' the trials drew scale 1 only and applied the floor to the fine-tune
-    too; the committed results/quality_v2/latest.json was made that way: see benchmarks/README.md.)"""
+    too; the results/quality_v2 record of commit 59b25b0 was made that way.)"""
     character = data.DEV_CHARACTER
     base_sim = drawer.score(base["images"], base["pairs"], character)["similarity"]
-    floor = goals.floor_of(base["score"])
-    trials = []
-    for lr in LR_GRIDS[method]:
-        run = methods.TRAINERS[method](drawer.model, character, replace(one, budget_s=budget, **{f"lr_{method}": lr}),
-                                       log=log)
-        c = curve(drawer, character, run, drawer.evaluation.trial_seeds)
-        if method == "finetune":
-            value = max(p["similarity"] for cp in c for p in cp["scales"])
-        else:
-            vals = [v["value"] if v["value"] is not None else base_sim for v in goals.checkpoint_values(c, floor)]
-            value = sum(vals) / len(vals)
-        trials.append({"lr": lr, "value": round(value, 4), "steps": run.final.step, "curve": c})
-        log(f"  {method} lr {lr:g}: {value:.3f}")
-    return max(trials, key=lambda t: t["value"])["lr"], trials
+    run = methods.TRAINERS[method](drawer.model, character, replace(one, budget_s=budget, **{f"lr_{method}": lr}),
+                                   log=log)
+    c = curve(drawer, character, run, drawer.evaluation.trial_seeds)
+    value = trial_value(method, c, goals.floor_of(base["score"]), base_sim)
+    log(f"  {method} lr {lr:g}: {value:.3f}")
+    return {"lr": lr, "value": round(value, 4), "steps": run.final.step, "curve": c}
 
 
 # ---- one character ----------------------------------------------------------------------------------------------
@@ -195,10 +205,12 @@ def run_character(character: data.Character) -> dict:
     }
 
 
-def _trials(method: str) -> tuple[float, list[dict]]:
+def _trial(item: tuple[str, float]) -> dict:
+    method, lr = item
     w = _WORKER
     torch.set_num_threads(w["threads"])
-    return select_lr(method, w["drawer"], w["base"], w["one"], w["trial_budget"], _log(w["start"], f"{method} trials: "))
+    return run_trial(method, lr, w["drawer"], w["base"], w["one"], w["trial_budget"],
+                     _log(w["start"], f"{method} trial: "))
 
 
 def _map(fn, items, jobs: int) -> list:
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = EvalConfig()
     trial_budget = args.trial_budget
     if args.quick:
-        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10), ClassifierConfig(steps=20, bank=256)
+        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10, stage3_steps=5), ClassifierConfig(steps=20, bank=256)
         one, evaluation = replace(one, budget_s=1.5), EvalConfig(seeds=1, curve_seeds=1, sampler_steps=3)
         trial_budget = 0.5
     model, pre_record = load_or_pretrain(model_config, pre, log)
@@ -317,10 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_trials:
         names = ("ours", "ti", "finetune")
         log(f"learning rates: {trial_budget:g} s trials on the dev character {data.slug(data.DEV_CHARACTER)}")
-        chosen = _map(_trials, names, args.jobs)
-        for name, (lr, trials[name]) in zip(names, chosen, strict=True):
-            one = replace(one, **{f"lr_{name}": lr})
-            log(f"  {name}: lr {lr:g}")
+        items = [(name, lr) for name in names for lr in LR_GRIDS[name]]
+        done = _map(_trial, items, args.jobs)
+        for name in names:
+            runs = [t for (m, _), t in zip(items, done, strict=True) if m == name]
+            pick = choose_lr(runs)
+            trials[name] = {"chosen": pick, "trials": runs}
+            one = replace(one, **{f"lr_{name}": pick["lr"]})
+            log(f"  {name}: lr {pick['lr']:g} (value {pick['value']:.3f}"
+                + (f"; tied: {', '.join(f'{x:g}' for x in pick['tied'])}" if pick["tied"] else "")
+                + ("; at the grid's edge" if pick["at_grid_edge"] else "") + ")")
     _WORKER.update(one=one)
     results = _map(run_character, characters, args.jobs)
     grid_rows = [("base: setting words", v1.to_uint8(base_images[:9]))]

@@ -11,7 +11,9 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -23,7 +25,7 @@ from lib_anima.fileio import atomic_write_text
 
 DEFAULTS = {"lr": 5e-3, "n_tokens": 4, "weights": "all"}  # lib_anima.train.TrainConfig / the training tab
 VARIANTS = [
-    {}, {"lr": 1.5e-2}, {"lr": 5e-2},
+    {}, {"lr": 1.5e-3}, {"lr": 1.5e-2}, {"lr": 5e-2}, {"lr": 1.5e-1},
     {"n_tokens": 1}, {"n_tokens": 8},
     {"weights": "coarse"}, {"weights": "middle"}, {"weights": "fine"},
 ]
@@ -58,14 +60,15 @@ def _one(item: tuple[int, data.Character]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmarks.quality.v2.run import OUT, Drawer, EvalConfig, _log
+    from benchmarks.quality.v2.run import OUT, Drawer, EvalConfig, _commit, _log
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    commit = _commit()
     log = _log(start, "sweep: ")
     pre, cls, evaluation, steps = PretrainConfig(), ClassifierConfig(), EvalConfig(curve_seeds=1), 400
     if args.quick:
-        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10), ClassifierConfig(steps=20, bank=256)
+        pre, cls = PretrainConfig(steps=20, bank=256, stage2_steps=10, stage3_steps=5), ClassifierConfig(steps=20, bank=256)
         evaluation, steps = EvalConfig(curve_seeds=1, sampler_steps=3), 10
     model, _ = load_or_pretrain(ModelConfig(), pre, log)
     classifier, _ = load_or_train_classifier(cls, log)
@@ -90,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
     out = os.path.join(folder, "sweep_quick.json" if args.quick else "sweep.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     record = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": commit, "threads": args.threads, "jobs": args.jobs,
+              "command": "python -m benchmarks.quality.v2.run " + " ".join(sys.argv[1:]), "pretrain": asdict(pre),
               "defaults": DEFAULTS, "max_steps": steps, "batch_size": 1, "rows": rows, "quick": args.quick,
               "total_seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")

@@ -204,7 +204,9 @@ def _build_options(c: dict, prefix: str) -> None:
                                    value="all", elem_id=f"{prefix}_weights")
     with FormRow():
         c["steps"] = _number("steps", "Steps", prefix)
-        c["learning_rate"] = gr.Textbox(label="Learning rate (schedule syntax)", value=default_of("learning_rate"),
+        # (a new label: the host's ui-config.json keeps a component's old default under its old label)
+        c["learning_rate"] = gr.Textbox(label="Learning rate (a number or schedule syntax)",
+                                        value=default_of("learning_rate"),
                                         elem_id=f"{prefix}_learning_rate")
         c["seed"] = _number("seed", "Seed (-1: random)", prefix)
     with FormRow():

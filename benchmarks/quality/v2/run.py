@@ -44,8 +44,8 @@ from benchmarks.quality.v2.model import (
 from lib_anima.fileio import atomic_write_text
 from lib_anima.inject import Activation
 
-SCALES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
-CURVE_SCALES = (0.5, 1.0)  # each checkpoint of ours / TI is drawn at these (the fine-tune at 1)
+SCALES = (0.0, 0.125, 0.25, 0.375, 0.5, 1.0, 1.5, 2.0)
+CURVE_SCALES = (0.25, 0.5, 1.0)  # each checkpoint of ours / TI is drawn at these (the fine-tune at 1)
 MODES = ("positive", "negative")
 OUT = os.path.join(REPO, "benchmarks", "results", "quality_v2")
 LR_GRIDS = {"ours": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "ti": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
@@ -146,11 +146,12 @@ def choose_lr(trials: list[dict]) -> dict:
 
 def run_trial(method: str, lr: float, drawer: Drawer, base: dict, one: methods.OneShotConfig, budget: float,
               log: Callable[[str], None]) -> dict:
-    """One short trial on the dev character, each checkpoint drawn as along training (ours / TI at scales 0.5 and
-    1, the fine-tune at 1), valued by :func:`trial_value`.
+    """One short trial on the dev character, each checkpoint drawn as along training (ours / TI at
+    :data:`CURVE_SCALES`, the fine-tune at 1), valued by :func:`trial_value`.
 
     (Until commit 'quality v2: trials judge ...' the trials drew scale 1 only and applied the floor to the fine-tune
-    too; the results/quality_v2 record of commit 59b25b0 was made that way.)"""
+    too; the results/quality_v2 record of commit 59b25b0 was made that way. Until the 'finer low scales' commit
+    SCALES were 0, 0.25, 0.5, 1, 1.5, 2 and CURVE_SCALES 0.5, 1; the record of commit 25612ec was made that way.)"""
     character = data.DEV_CHARACTER
     base_sim = drawer.score(base["images"], base["pairs"], character)["similarity"]
     run = methods.TRAINERS[method](drawer.model, character, replace(one, budget_s=budget, **{f"lr_{method}": lr}),

@@ -108,13 +108,16 @@ def max_items(count: int) -> dict[str, int]:
     return {"max_length": count} if PYDANTIC_2 else {"max_items": count}
 
 
+def _fields(model: type[BaseModel]) -> dict:
+    return model.model_fields if PYDANTIC_2 else model.__fields__
+
+
 def field_names(model: type[BaseModel] = TrainOptions) -> list[str]:
-    return list(model.model_fields if PYDANTIC_2 else model.__fields__)
+    return list(_fields(model))
 
 
 def default_of(name: str) -> Any:
-    fields = TrainOptions.model_fields if PYDANTIC_2 else TrainOptions.__fields__
-    return fields[name].default
+    return _fields(TrainOptions)[name].default
 
 
 def dump(model: BaseModel, exclude: set[str] | None = None) -> dict:

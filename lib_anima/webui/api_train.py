@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lib_anima.options import MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, dump, max_items, parse
+from lib_anima.options import MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, dump, max_items
 from lib_anima.webui import jobs, train_inputs, training
 from lib_anima.webui.http_errors import error_answers, limit_body
-from lib_anima.webui.train_inputs import TrainRequest, decode_images, prompt_from_infotext
+from lib_anima.webui.train_inputs import TrainRequest, decode_images, request_from
 
 PREFIX = "/anima/v1"
 # 64 reference images and masks as base64; the route refuses a larger body before parsing it (413)
@@ -56,9 +56,7 @@ def to_request(body: TrainBody) -> TrainRequest:
     body.check_inputs(len(body.images), len(body.masks))  # before decoding anything
     images = decode_images(list(body.images), "image")
     masks = decode_images(list(body.masks), "mask")
-    prompt = body.prompt if body.prompt.strip() or not images else prompt_from_infotext(images[0])
-    fields = {**dump(body, exclude={"images", "masks", "prompt"}), "images": images, "masks": masks, "prompt": prompt}
-    return parse(TrainRequest, fields)
+    return request_from(dump(body, exclude={"images", "masks"}), images, masks)
 
 
 def train(body: TrainBody) -> dict:

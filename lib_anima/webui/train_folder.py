@@ -86,7 +86,6 @@ def find_resume_state(req: TrainRequest) -> tuple[TrainState, dict, str]:
     return state, record, path
 
 
-
 def request_record(req: TrainRequest, size: int, fingerprint: str, seed: int) -> dict:
     fields = dump(req, exclude={"images", "masks"})
     fields.update(images=len(req.images), masks=sum(m is not None for m in req.masks), resolution=size,

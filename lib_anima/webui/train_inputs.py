@@ -25,7 +25,7 @@ from lib_anima import dataset as ti_dataset
 from lib_anima.errors import AnimaError, ArgumentError, TooLargeError
 from lib_anima.images import decode_base64, image_size
 from lib_anima.names import check_directory, check_name
-from lib_anima.options import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions
+from lib_anima.options import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOTAL_PIXELS, TrainOptions, parse
 from lib_anima.schedule import schedule_pairs
 from lib_anima.train import TrainExample
 from lib_anima.webui import host
@@ -46,6 +46,14 @@ class TrainRequest(TrainOptions):
     def check(self) -> None:
         check_name(self.name)
         self.check_inputs(len(self.images), len(self.masks))
+
+
+def request_from(options: dict, images: list, masks: list) -> TrainRequest:
+    """Options and decoded reference images → the request (the API and the tab both end here); with images and an
+    empty prompt, the prompt is the first image's infotext prompt."""
+    if images and not str(options.get("prompt") or "").strip():
+        options = {**options, "prompt": prompt_from_infotext(images[0])}
+    return parse(TrainRequest, {**options, "images": images, "masks": masks})
 
 
 def decode_images(datas: list[str | None], what: str) -> list[Image.Image | None]:

@@ -118,8 +118,7 @@ def vae_on_device():
         yield
 
 
-
-def save_card_image(req: TrainRequest, context_path: str, progress: Progress) -> None:
+def save_card_image(req: TrainRequest, context_path: str) -> None:
     """The reference (or the dataset's first image) as the card's preview, like the host's embeddings."""
     stem = os.path.splitext(context_path)[0]
     image = req.images[0] if req.images else None

@@ -221,7 +221,7 @@ class _Run:
         """Save the context, its card image and the state; the last preview and the sweep; the run's summary."""
         req, context = self.req, result.context
         manage.save_new(context, req.name, overwrite=True)
-        save_card_image(req, store.library().path(req.name), self.progress)
+        save_card_image(req, store.library().path(req.name))
         self.folder.save_state(result.state, self.request_record)
         if req.preview_every:
             self.preview(context, result.state.step)

@@ -19,9 +19,9 @@ from modules.ui_components import FormRow, ToolButton
 from lib_anima.errors import AnimaError
 from lib_anima.layout import PRESETS
 from lib_anima.names import check_name
-from lib_anima.options import default_of, parse
+from lib_anima.options import default_of
 from lib_anima.webui import store, sweep, training
-from lib_anima.webui.train_inputs import TrainRequest, prompt_from_infotext, templates
+from lib_anima.webui.train_inputs import TrainRequest, prompt_from_infotext, request_from, templates
 from lib_anima.webui.train_progress import Progress
 
 SOURCES = {  # host component after which a "send to Anima" button is created → the image it sends
@@ -94,7 +94,8 @@ def _image_and_mask(value) -> tuple:
 
 
 # The Train button's inputs after id_task, in order. Every one but the image and the mask is the TrainOptions
-# field of the same name (lib_anima.options): the form is read by name, and its defaults and bounds come from there.
+# field of the same name (lib_anima.options): the form is read by name, its defaults come from there and the model
+# checks its values.
 FORM_FIELDS = ("name", "image", "mask", "prompt", "dataset_dir", "template", "name_text", "use_alpha", "init_text",
                "n_tokens", "weights", "steps", "learning_rate", "batch_size", "grad_accumulation", "resolution", "flip",
                "seed", "save_every", "preview_every", "preview_prompt", "sweep", "resume", "overwrite")
@@ -127,10 +128,8 @@ def _request(form: dict) -> TrainRequest:
     options = {name: _form_value(value) for name, value in form.items()}
     options["name"] = options["name"].strip()
     options["weights"] = "" if options["weights"] == "all" else options["weights"]
-    if not options["prompt"] and image is not None:
-        options["prompt"] = prompt_from_infotext(image)
     images = [image] if image is not None and not options["dataset_dir"].strip() else []
-    return parse(TrainRequest, {**options, "images": images, "masks": [mask] if mask is not None and images else []})
+    return request_from(options, images, [mask] if mask is not None and images else [])
 
 
 def _form_value(value):
